@@ -1,0 +1,26 @@
+# Copyright (c) 2026, vmsnap.qemu contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+# Note that this doc fragment is **PRIVATE** to the collection. It can have breaking changes at any time.
+# Do not use this from other collections or standalone plugins/modules!
+
+from __future__ import annotations
+
+
+class ModuleDocFragment:
+    DOCUMENTATION = r"""
+options:
+  lock_timeout:
+    description:
+      - Seconds to wait for another vmsnap.qemu task that is changing the same image on this host.
+      - Tasks that change an image take an exclusive per-image lock (a C(flock) on a small file under
+        C(/run/lock/vmsnap.qemu/), named after the image's real path) for the whole read, plan and act
+        sequence, so two tasks never interleave their writes. When the lock stays held for longer than
+        this, the task fails and changes nothing.
+      - The lock is local to the host. Check mode only reads and takes no lock.
+    type: float
+    default: 60
+notes:
+  - Images held by a running QEMU are detected through QEMU's own image locks and never written by C(qemu-img).
+"""

@@ -1,0 +1,116 @@
+# Copyright (c) 2026, vmsnap.qemu contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+# Note that this module util is **PRIVATE** to the collection. It can have breaking changes at any time.
+# Do not use this from other collections or standalone plugins/modules!
+
+"""The one qemu-img runner: argv lists, LANG=C, JSON output, one error type."""
+
+from __future__ import annotations
+
+import json
+import typing as t
+
+from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import ImageInUseError, QemuImgError
+from ansible_collections.vmsnap.qemu.plugins.module_utils._image import ImageInfo, parse_info
+
+if t.TYPE_CHECKING:
+    from ansible.module_utils.basic import AnsibleModule
+
+C_LOCALE = {"LANG": "C", "LC_ALL": "C", "LC_MESSAGES": "C"}
+
+# Printed by QEMU's file-posix locking when another process holds a conflicting lock.
+_WRITE_LOCK_MARKERS = ('Failed to get "write" lock', 'Failed to get shared "write" lock')
+
+LIVE_SNAPSHOT_HINT = (
+    "Take snapshots of a running VM through its QMP socket with vmsnap.qemu.qmp_live_snapshot, "
+    "or shut the VM down first."
+)
+
+
+def is_lock_error(stderr: str) -> bool:
+    return any(marker in stderr for marker in _WRITE_LOCK_MARKERS)
+
+
+class QemuImg:
+    """Runs qemu-img for a module. It never looks at check mode: callers decide whether to act."""
+
+    def __init__(self, module: AnsibleModule) -> None:
+        self._module = module
+        self.binary = module.get_bin_path("qemu-img", required=True)
+
+    def run(self, args: list[str]) -> str:
+        """Run 'qemu-img ARGS' and return stdout; raise QemuImgError (or ImageInUseError) on failure."""
+        cmd = [self.binary] + args
+        rc, out, err = self._module.run_command(
+            cmd, environ_update=C_LOCALE, expand_user_and_vars=False, check_rc=False
+        )
+        if rc != 0:
+            raise self._error(cmd, rc, out, err)
+        return out
+
+    def run_json(self, args: list[str]) -> t.Any:
+        out = self.run(args)
+        try:
+            return json.loads(out)
+        except ValueError as exc:
+            cmd = [self.binary] + args
+            raise QemuImgError(f"Could not parse the JSON output of {' '.join(cmd)}: {exc}", cmd, 0, out, "") from None
+
+    def info(self, path: str, backing_chain: bool = True) -> ImageInfo:
+        """Read an image; an image locked by a running QEMU is re-read with --force-share and marked in_use."""
+        args = ["info", "--output=json"] + (["--backing-chain"] if backing_chain else [])
+        try:
+            data = self.run_json(args + ["--", path])
+            in_use = False
+        except ImageInUseError:
+            data = self.run_json(args + ["--force-share", "--", path])
+            in_use = True
+        try:
+            return parse_info(data, in_use=in_use)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise QemuImgError(
+                f"Unexpected qemu-img info JSON for {path}: {exc!r}", [self.binary] + args + [path], 0, json.dumps(data), ""
+            ) from None
+
+    def check(self, path: str, force_share: bool = False) -> dict[str, t.Any]:
+        """'qemu-img check' never raises on rc 2 (corrupt) or 3 (leaks): the JSON says what was found."""
+        cmd = [self.binary, "check", "--output=json"] + (["--force-share"] if force_share else []) + ["--", path]
+        rc, out, err = self._module.run_command(
+            cmd, environ_update=C_LOCALE, expand_user_and_vars=False, check_rc=False
+        )
+        if rc not in (0, 2, 3):
+            raise self._error(cmd, rc, out, err)
+        try:
+            result = json.loads(out)
+        except ValueError:
+            raise QemuImgError(f"Could not parse the JSON output of qemu-img check for {path}", cmd, rc, out, err) from None
+        result["rc"] = rc
+        return result
+
+    def snapshot_create(self, path: str, name: str) -> None:
+        self.run(["snapshot", "-q", "-c", name, "--", path])
+
+    def snapshot_delete(self, path: str, name: str) -> None:
+        """Deletes by tag only (qemu-img matches -d against tags, never IDs)."""
+        self.run(["snapshot", "-q", "-d", name, "--", path])
+
+    def snapshot_apply(self, path: str, name: str) -> None:
+        """qemu-img -a tries IDs before tags: callers must refuse purely numeric names."""
+        self.run(["snapshot", "-q", "-a", name, "--", path])
+
+    def _error(self, cmd: list[str], rc: int, out: str, err: str) -> QemuImgError:
+        detail = (err or out).strip()
+        if is_lock_error(err):
+            path = cmd[-1]
+            return ImageInUseError(
+                f"Image {path} is in use by another process (a running QEMU holds its lock): {detail}. "
+                + LIVE_SNAPSHOT_HINT,
+                path=path,
+                cmd=cmd,
+                rc=rc,
+                stdout=out,
+                stderr=err,
+            )
+        return QemuImgError(f"qemu-img failed (rc={rc}): {detail}", cmd, rc, out, err)

@@ -1,0 +1,229 @@
+# Copyright (c) 2026, vmsnap.qemu contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+# Note that this module util is **PRIVATE** to the collection. It can have breaking changes at any time.
+# Do not use this from other collections or standalone plugins/modules!
+
+"""Offline internal snapshots: plan from the image state (pure), then carry the plan out."""
+
+from __future__ import annotations
+
+import os
+import stat
+import typing as t
+from dataclasses import dataclass, field
+
+from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import (
+    ImageInUseError,
+    InsufficientSpaceError,
+    ValidationError,
+    VmsnapError,
+)
+from ansible_collections.vmsnap.qemu.plugins.module_utils._image import ImageInfo, Snapshot, metadata_update_reserve
+from ansible_collections.vmsnap.qemu.plugins.module_utils._qemu_img import LIVE_SNAPSHOT_HINT
+
+if t.TYPE_CHECKING:
+    from ansible_collections.vmsnap.qemu.plugins.module_utils._qemu_img import QemuImg
+    from ansible_collections.vmsnap.qemu.plugins.module_utils._retention import RetentionPolicy
+
+# Every internal snapshot adds refcount work to each cluster write of the guest.
+MANY_SNAPSHOTS_WARNING_THRESHOLD = 10
+
+
+@dataclass
+class ImagePlan:
+    path: str
+    info: ImageInfo
+    state: str
+    name: str | None
+    create: bool = False
+    delete: Snapshot | None = None
+    revert: Snapshot | None = None
+    prune: list[Snapshot] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return self.create or self.delete is not None or self.revert is not None or bool(self.prune)
+
+    def names_before(self) -> list[str]:
+        return [snap.name for snap in self.info.snapshots]
+
+    def names_after(self) -> list[str]:
+        return [snap["name"] for snap in self.predicted_snapshots()]
+
+    def predicted_snapshots(self) -> list[dict[str, t.Any]]:
+        """The snapshot list once the plan is carried out; a new snapshot has no ID or date yet."""
+        gone = {snap.id for snap in self.prune}
+        if self.delete is not None:
+            gone.add(self.delete.id)
+        kept = [snap.as_dict() for snap in self.info.snapshots if snap.id not in gone]
+        return kept + ([self.predicted_new()] if self.create else [])
+
+    def predicted_new(self) -> dict[str, t.Any]:
+        return dict(id=None, name=self.name, vm_state_size=0, date=None, date_epoch=None, vm_clock=0.0)
+
+
+def plan_image(
+    path: str, info: ImageInfo, state: str, name: str | None, policy: RetentionPolicy | None, now: float
+) -> ImagePlan:
+    """Decide what one image needs. Raises before anything is touched when the request cannot be met."""
+    _require_qcow2(path, info)
+    plan = ImagePlan(path=path, info=info, state=state, name=name)
+    if state == "present":
+        plan.create = not info.snapshots_named(t.cast(str, name))
+    elif state == "absent":
+        existing = _single_snapshot(path, info, t.cast(str, name), state, required=False)
+        plan.delete = existing
+    elif state == "reverted":
+        plan.revert = _single_snapshot(path, info, t.cast(str, name), state, required=True)
+        if info.top.bitmaps:
+            names = ", ".join(bitmap.name for bitmap in info.top.bitmaps)
+            raise ValidationError(
+                f"Cannot revert {path}: it has dirty bitmaps ({names}) and QEMU refuses to apply an internal "
+                "snapshot to an image with dirty bitmaps ('Device has active dirty bitmaps'). Remove the bitmaps "
+                "first (qemu-img bitmap --remove), which also ends incremental backups based on them.",
+                path=path,
+                bitmaps=[bitmap.name for bitmap in info.top.bitmaps],
+            )
+    if policy is not None and state in ("present", "pruned"):
+        plan.prune, skipped = _prunable(info, policy, now, protect=name if state == "present" else None)
+        plan.warnings.extend(
+            f"{path}: not pruning snapshot '{snap.name}' (id {snap.id}): another snapshot has the same name "
+            "and qemu-img deletes by name only." for snap in skipped
+        )
+    if plan.changed:
+        _require_writable(path, info)
+    count_after = len(plan.names_after())
+    if count_after > MANY_SNAPSHOTS_WARNING_THRESHOLD:
+        plan.warnings.append(
+            f"{path} holds {count_after} internal snapshots; each one slows guest writes (copy-on-write "
+            "refcount updates). Prune old ones, e.g. with the retention option."
+        )
+    return plan
+
+
+def _require_qcow2(path: str, info: ImageInfo) -> None:
+    if info.top.format != "qcow2":
+        raise ValidationError(
+            f"Image {path} is in {info.top.format} format; internal snapshots need a qcow2 image.",
+            path=path,
+            format=info.top.format,
+        )
+
+
+def _require_writable(path: str, info: ImageInfo) -> None:
+    if info.in_use:
+        raise ImageInUseError(
+            f"Image {path} is in use by a running QEMU (it holds the image's write lock); qemu-img must not "
+            f"change it. {LIVE_SNAPSHOT_HINT}",
+            path=path,
+        )
+    if info.top.corrupt:
+        raise ValidationError(
+            f"Image {path} is marked corrupt by QEMU; refusing to change it. Inspect it with "
+            "vmsnap.qemu.qcow2_info (check: true) and repair it with 'qemu-img check -r' first.",
+            path=path,
+        )
+
+
+def _single_snapshot(path: str, info: ImageInfo, name: str, state: str, required: bool) -> Snapshot | None:
+    found = info.snapshots_named(name)
+    if len(found) > 1:
+        ids = [snap.id for snap in found]
+        raise ValidationError(
+            f"Snapshot name '{name}' is ambiguous in {path}: {len(found)} snapshots share it (IDs "
+            f"{', '.join(ids)}); refusing state={state}. Remove the duplicates with qemu-img first.",
+            path=path,
+            snapshot_ids=ids,
+        )
+    if not found:
+        if required:
+            raise ValidationError(
+                f"Snapshot '{name}' does not exist in {path}; cannot revert to it. Existing snapshots: "
+                f"{', '.join(snap.name for snap in info.snapshots) or 'none'}.",
+                path=path,
+            )
+        return None
+    return found[0]
+
+
+def _prunable(
+    info: ImageInfo, policy: RetentionPolicy, now: float, protect: str | None
+) -> tuple[list[Snapshot], list[Snapshot]]:
+    doomed = policy.select(info.snapshots, now=now, protect=protect)
+    doomed_ids = {snap.id for snap in doomed}
+    deletable, skipped = [], []
+    for snap in doomed:
+        twins = info.snapshots_named(snap.name)
+        (deletable if all(twin.id in doomed_ids for twin in twins) else skipped).append(snap)
+    return deletable, skipped
+
+
+def ensure_room_for_metadata(plan: ImagePlan) -> None:
+    """qemu-img leaks clusters and leaves a changed image when it hits ENOSPC mid-update: refuse first."""
+    try:
+        st = os.stat(plan.path)
+    except OSError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        return  # a block device cannot grow; qemu-img reports its own ENOSPC there
+    vfs = os.statvfs(os.path.dirname(plan.path))
+    free = vfs.f_bavail * vfs.f_frsize
+    needed = metadata_update_reserve(plan.info.top, extra_snapshots=1 if plan.create else 0)
+    if free < needed:
+        raise InsufficientSpaceError(
+            f"Not enough free space for {plan.path}: {free} bytes free on its filesystem, at least {needed} "
+            "needed for the snapshot metadata update. Nothing was changed; free some space first.",
+            path=plan.path,
+            free_bytes=free,
+            needed_bytes=needed,
+        )
+
+
+def execute(qemu_img: QemuImg, plans: list[ImagePlan]) -> None:
+    """Carry out plans. Creation is all-or-nothing across images; deletions and reverts cannot be undone."""
+    for plan in plans:
+        if plan.changed:
+            ensure_room_for_metadata(plan)
+    _create_all_or_nothing(qemu_img, [plan for plan in plans if plan.create])
+    done: list[str] = []
+    for plan in plans:
+        try:
+            if plan.delete is not None:
+                qemu_img.snapshot_delete(plan.path, plan.delete.name)
+            if plan.revert is not None:
+                qemu_img.snapshot_apply(plan.path, plan.revert.name)
+            for snap in plan.prune:
+                qemu_img.snapshot_delete(plan.path, snap.name)
+        except VmsnapError as exc:
+            if done:
+                exc.msg += f" Images already changed by this task before the failure: {', '.join(done)}."
+                exc.details["changed_paths"] = list(done)
+            raise
+        if plan.delete is not None or plan.revert is not None or plan.prune:
+            done.append(plan.path)
+
+
+def _create_all_or_nothing(qemu_img: QemuImg, plans: list[ImagePlan]) -> None:
+    created: list[ImagePlan] = []
+    for plan in plans:
+        try:
+            qemu_img.snapshot_create(plan.path, t.cast(str, plan.name))
+        except VmsnapError as exc:
+            undone, stuck = [], []
+            for earlier in reversed(created):
+                try:
+                    qemu_img.snapshot_delete(earlier.path, t.cast(str, earlier.name))
+                    undone.append(earlier.path)
+                except VmsnapError as undo_exc:
+                    stuck.append(f"{earlier.path} ({undo_exc.msg})")
+            exc.msg = f"Creating snapshot '{plan.name}' on {plan.path} failed: {exc.msg}"
+            if undone:
+                exc.msg += f" Removed the snapshots this task had already made on: {', '.join(undone)}."
+            if stuck:
+                exc.msg += f" Could NOT remove the snapshot made on: {'; '.join(stuck)}."
+            exc.details.update(rolled_back=undone, rollback_failed=stuck)
+            raise
+        created.append(plan)

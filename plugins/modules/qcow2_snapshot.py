@@ -1,0 +1,307 @@
+#!/usr/bin/python
+# Copyright (c) 2026, vmsnap.qemu contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: qcow2_snapshot
+short_description: Create, delete, revert and prune internal snapshots of offline qcow2 images
+version_added: 0.1.0
+description:
+  - Manages internal snapshots of qcow2 images with C(qemu-img snapshot), for VMs that are shut down.
+  - Images held by a running QEMU are detected and refused with a pointer to M(vmsnap.qemu.qmp_live_snapshot).
+  - With O(paths), one task snapshots every disk of a VM all-or-nothing; one task over many paths is also
+    far faster than a loop of tasks (see C(docs/performance.md)).
+  - Snapshot names are tags. Purely numeric names are refused, because C(qemu-img snapshot -a) matches
+    IDs before tags; names that several snapshots share are refused for O(state=absent) and
+    O(state=reverted), listing their IDs.
+author:
+  - vmsnap.qemu contributors (@vmsnap)
+extends_documentation_fragment:
+  - vmsnap.qemu._attributes
+  - vmsnap.qemu._attributes.ACTIONGROUP_QEMU
+  - vmsnap.qemu._image_lock
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+    details:
+      - The diff shows each image's snapshot names before and after.
+  idempotent:
+    support: partial
+    details:
+      - O(state=reverted) always reports a change, because it always rewrites the image's active state.
+      - O(state=present), O(state=absent) and O(state=pruned) are idempotent.
+options:
+  path:
+    description:
+      - Absolute path of one qcow2 image.
+      - Mutually exclusive with O(paths); one of them is required.
+    type: path
+  paths:
+    description:
+      - Absolute paths of several qcow2 images, normally all disks of one VM, handled as one checkpoint.
+      - For O(state=present) the task is all-or-nothing. If creating the snapshot fails on any disk, the
+        snapshots this task already created on the other disks are deleted again and the task fails.
+      - Every image is read and checked before any is changed. Deleting and reverting cannot be undone
+        once done; if one of those fails midway, the error lists the images already changed.
+    type: list
+    elements: path
+  name:
+    description:
+      - The snapshot's name (tag).
+      - Required unless O(state=pruned).
+      - Must not be empty, purely numeric, longer than 255 bytes or contain control characters.
+    type: str
+  state:
+    description:
+      - V(present) creates the snapshot when no snapshot of that name exists.
+      - V(absent) deletes it when it exists.
+      - V(reverted) applies it, so the image's data returns to the snapshot. Fails when it does not exist.
+      - V(pruned) only applies O(retention).
+    type: str
+    choices: [present, absent, reverted, pruned]
+    default: present
+  retention:
+    description:
+      - Deletes old snapshots after O(state=present), or alone with O(state=pruned).
+      - Only snapshots whose names match O(retention.match) are ever considered. The snapshot named
+        O(name) is never pruned by the task that keeps it present, and counts towards O(retention.keep).
+      - A matching snapshot is deleted when it is not among the O(retention.keep) newest matching
+        snapshots, or when it is older than O(retention.max_age).
+    type: dict
+    suboptions:
+      match:
+        description:
+          - Shell-style glob (case-sensitive) of the snapshot names this policy manages, for example V(auto-*).
+          - Required, so that a policy never deletes snapshots it was not meant for.
+        type: str
+      keep:
+        description: Number of newest matching snapshots to keep.
+        type: int
+      max_age:
+        description:
+          - Delete matching snapshots older than this, as a whole number with a unit
+            V(s), V(m), V(h), V(d) or V(w), for example V(7d). A bare number means seconds.
+        type: str
+notes:
+  - A successful V(present) task over O(paths) takes the snapshots one disk after another, which is
+    consistent because the VM is not running.
+  - An image with more than 10 internal snapshots triggers a warning; each snapshot slows guest writes.
+  - Before changing an image the module checks that its filesystem has room for the metadata update,
+    because C(qemu-img) leaves a changed image with leaked clusters when it runs out of space midway.
+requirements:
+  - C(qemu-img) (Debian/Ubuntu package C(qemu-utils)) on the target host.
+seealso:
+  - module: vmsnap.qemu.qcow2_info
+"""
+
+EXAMPLES = r"""
+---
+- name: Checkpoint both disks of a stopped VM before an upgrade
+  vmsnap.qemu.qcow2_snapshot:
+    paths:
+      - /var/lib/vms/db01-system.qcow2
+      - /var/lib/vms/db01-data.qcow2
+    name: pre-upgrade
+
+- name: Roll the disks back to the checkpoint
+  vmsnap.qemu.qcow2_snapshot:
+    paths:
+      - /var/lib/vms/db01-system.qcow2
+      - /var/lib/vms/db01-data.qcow2
+    name: pre-upgrade
+    state: reverted
+
+- name: Release the checkpoint
+  vmsnap.qemu.qcow2_snapshot:
+    path: /var/lib/vms/db01-system.qcow2
+    name: pre-upgrade
+    state: absent
+
+- name: Nightly snapshot, keeping the newest 7 and none older than 14 days
+  vmsnap.qemu.qcow2_snapshot:
+    path: /var/lib/vms/web01.qcow2
+    name: "auto-{{ now(utc=true, fmt='%Y%m%dT%H%M%SZ') }}"
+    retention:
+      match: "auto-*"
+      keep: 7
+      max_age: 14d
+
+- name: Prune without creating anything
+  vmsnap.qemu.qcow2_snapshot:
+    path: /var/lib/vms/web01.qcow2
+    state: pruned
+    retention:
+      match: "auto-*"
+      max_age: 30d
+"""
+
+RETURN = r"""
+snapshot:
+  description:
+    - The snapshot acted on (created, found, deleted or applied), when O(path) was given.
+    - In check mode a snapshot that would be created has V(null) for RV(snapshot.id) and RV(snapshot.date).
+    - V(null) for O(state=absent) when there was nothing to delete, and for O(state=pruned).
+  returned: when O(path) is used
+  type: dict
+  sample: {id: "3", name: pre-upgrade, vm_state_size: 0, date: "2026-11-27T14:29:35Z", date_epoch: 1795789775.83,
+           vm_clock: 0.0}
+snapshots:
+  description:
+    - All internal snapshots of the image after the task, when O(path) was given.
+    - In check mode, the predicted list.
+  returned: when O(path) is used
+  type: list
+  elements: dict
+  sample:
+    - {id: "1", name: auto-20261126T020000Z, vm_state_size: 0, date: "2026-11-26T02:00:00Z", date_epoch: 1795658400.0,
+       vm_clock: 0.0}
+    - {id: "3", name: pre-upgrade, vm_state_size: 0, date: "2026-11-27T14:29:35Z", date_epoch: 1795789775.83,
+       vm_clock: 0.0}
+pruned:
+  description: Names of the snapshots deleted by O(retention) (in check mode, that would be deleted).
+  returned: when O(path) is used
+  type: list
+  elements: str
+  sample: [auto-20261101T020000Z]
+results:
+  description: One entry per image, in the order given, with the same keys as for a single O(path).
+  returned: always
+  type: list
+  elements: dict
+  sample:
+    - path: /var/lib/vms/db01-system.qcow2
+      changed: true
+      snapshot: {id: "1", name: pre-upgrade, vm_state_size: 0, date: "2026-11-27T14:29:35Z",
+                 date_epoch: 1795789775.83, vm_clock: 0.0}
+      snapshots: [{id: "1", name: pre-upgrade, vm_state_size: 0, date: "2026-11-27T14:29:35Z",
+                   date_epoch: 1795789775.83, vm_clock: 0.0}]
+      pruned: []
+"""
+
+import time
+import typing as t
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import VmsnapError
+from ansible_collections.vmsnap.qemu.plugins.module_utils._image import ImageInfo
+from ansible_collections.vmsnap.qemu.plugins.module_utils._lock import image_locks
+from ansible_collections.vmsnap.qemu.plugins.module_utils._qemu_img import QemuImg
+from ansible_collections.vmsnap.qemu.plugins.module_utils._retention import RetentionPolicy
+from ansible_collections.vmsnap.qemu.plugins.module_utils._snapshot import ImagePlan, execute, plan_image
+from ansible_collections.vmsnap.qemu.plugins.module_utils._validate import (
+    validate_image_path,
+    validate_snapshot_name,
+)
+
+ARGUMENT_SPEC: dict[str, t.Any] = dict(
+    path=dict(type="path"),
+    paths=dict(type="list", elements="path"),
+    name=dict(type="str"),
+    state=dict(type="str", default="present", choices=["present", "absent", "reverted", "pruned"]),
+    retention=dict(
+        type="dict",
+        options=dict(
+            match=dict(type="str"),
+            keep=dict(type="int"),
+            max_age=dict(type="str"),
+        ),
+    ),
+    lock_timeout=dict(type="float", default=60.0),
+)
+
+
+def main() -> t.NoReturn:
+    module = AnsibleModule(
+        argument_spec=ARGUMENT_SPEC,
+        mutually_exclusive=[("path", "paths")],
+        required_one_of=[("path", "paths")],
+        required_if=[
+            ("state", "present", ("name",)),
+            ("state", "absent", ("name",)),
+            ("state", "reverted", ("name",)),
+            ("state", "pruned", ("retention",)),
+        ],
+        supports_check_mode=True,
+    )
+    params = module.params
+    paths: list[str] = [params["path"]] if params["path"] is not None else list(params["paths"])
+    plans: list[ImagePlan] = []
+    after: dict[str, ImageInfo] = {}
+    try:
+        for path in paths:
+            validate_image_path(path)
+        if len(set(paths)) != len(paths):
+            raise VmsnapError("paths lists the same image more than once.", paths=paths)
+        name = params["name"]
+        if params["state"] != "pruned" or name is not None:
+            validate_snapshot_name(name)
+        policy = RetentionPolicy.from_params(params["retention"])
+        qemu_img = QemuImg(module)
+        if module.check_mode:
+            plans = _plan(qemu_img, paths, params["state"], name, policy)
+        else:
+            with image_locks(paths, timeout=params["lock_timeout"]):
+                plans = _plan(qemu_img, paths, params["state"], name, policy)
+                execute(qemu_img, plans)
+                after = {plan.path: qemu_img.info(plan.path, backing_chain=False) for plan in plans if plan.changed}
+    except VmsnapError as exc:
+        exc.do_fail(module, changed=False)
+
+    for plan in plans:
+        for warning in plan.warnings:
+            module.warn(warning)
+    results = [_result(plan, after.get(plan.path)) for plan in plans]
+    outcome: dict[str, t.Any] = dict(changed=any(plan.changed for plan in plans), results=results)
+    if params["path"] is not None:
+        outcome.update({key: value for key, value in results[0].items() if key not in ("changed", "path")})
+    if module._diff:
+        outcome["diff"] = dict(
+            before={plan.path: plan.names_before() for plan in plans},
+            after={plan.path: plan.names_after() for plan in plans},
+        )
+    module.exit_json(**outcome)
+
+
+def _plan(
+    qemu_img: QemuImg, paths: list[str], state: str, name: str | None, policy: RetentionPolicy | None
+) -> list[ImagePlan]:
+    now = time.time()
+    return [plan_image(path, qemu_img.info(path, backing_chain=False), state, name, policy, now) for path in paths]
+
+
+def _result(plan: ImagePlan, after: ImageInfo | None) -> dict[str, t.Any]:
+    """Report from the fresh read when the image changed, else from the plan's prediction."""
+    if after is not None:
+        snapshots = [snap.as_dict() for snap in after.snapshots]
+        acted_on = after.snapshots_named(plan.name) if plan.create and plan.name else []
+    else:
+        snapshots = plan.predicted_snapshots()
+        acted_on = []
+    snapshot: dict[str, t.Any] | None = None
+    if acted_on:
+        snapshot = acted_on[0].as_dict()
+    elif plan.create:
+        snapshot = plan.predicted_new()
+    elif plan.delete is not None:
+        snapshot = plan.delete.as_dict()
+    elif plan.revert is not None:
+        snapshot = plan.revert.as_dict()
+    elif plan.state == "present" and plan.name is not None:
+        snapshot = plan.info.snapshots_named(plan.name)[0].as_dict()
+    return dict(
+        path=plan.path,
+        changed=plan.changed,
+        snapshot=snapshot,
+        snapshots=snapshots,
+        pruned=[snap.name for snap in plan.prune],
+    )
+
+
+if __name__ == "__main__":
+    main()
