@@ -66,7 +66,7 @@ def _locked(image_path: str, lock_path: str, timeout: float) -> t.Iterator[None]
                 raise LockTimeoutError(
                     f"Another vmsnap.qemu task is changing {image_path}: its lock ({lock_path}) was still held "
                     f"after {timeout:g} s. Nothing was changed; retry later or raise lock_timeout.",
-                    path=image_path,
+                    image_path=image_path,
                     lock_file=lock_path,
                 )
             time.sleep(_POLL_SECONDS)

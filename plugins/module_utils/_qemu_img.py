@@ -62,11 +62,15 @@ class QemuImg:
         """Read an image; an image locked by a running QEMU is re-read with --force-share and marked in_use."""
         args = ["info", "--output=json"] + (["--backing-chain"] if backing_chain else [])
         try:
-            data = self.run_json(args + ["--", path])
-            in_use = False
-        except ImageInUseError:
-            data = self.run_json(args + ["--force-share", "--", path])
-            in_use = True
+            try:
+                data = self.run_json(args + ["--", path])
+                in_use = False
+            except ImageInUseError:
+                data = self.run_json(args + ["--force-share", "--", path])
+                in_use = True
+        except QemuImgError as exc:
+            exc.msg = f"Cannot read image {path}: {exc.stderr.strip() or exc.msg}"
+            raise
         try:
             return parse_info(data, in_use=in_use)
         except (KeyError, TypeError, ValueError) as exc:
@@ -107,7 +111,7 @@ class QemuImg:
             return ImageInUseError(
                 f"Image {path} is in use by another process (a running QEMU holds its lock): {detail}. "
                 + LIVE_SNAPSHOT_HINT,
-                path=path,
+                image_path=path,
                 cmd=cmd,
                 rc=rc,
                 stdout=out,

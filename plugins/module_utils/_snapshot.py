@@ -84,7 +84,7 @@ def plan_image(
                 f"Cannot revert {path}: it has dirty bitmaps ({names}) and QEMU refuses to apply an internal "
                 "snapshot to an image with dirty bitmaps ('Device has active dirty bitmaps'). Remove the bitmaps "
                 "first (qemu-img bitmap --remove), which also ends incremental backups based on them.",
-                path=path,
+                image_path=path,
                 bitmaps=[bitmap.name for bitmap in info.top.bitmaps],
             )
     if policy is not None and state in ("present", "pruned"):
@@ -108,7 +108,7 @@ def _require_qcow2(path: str, info: ImageInfo) -> None:
     if info.top.format != "qcow2":
         raise ValidationError(
             f"Image {path} is in {info.top.format} format; internal snapshots need a qcow2 image.",
-            path=path,
+            image_path=path,
             format=info.top.format,
         )
 
@@ -118,13 +118,13 @@ def _require_writable(path: str, info: ImageInfo) -> None:
         raise ImageInUseError(
             f"Image {path} is in use by a running QEMU (it holds the image's write lock); qemu-img must not "
             f"change it. {LIVE_SNAPSHOT_HINT}",
-            path=path,
+            image_path=path,
         )
     if info.top.corrupt:
         raise ValidationError(
             f"Image {path} is marked corrupt by QEMU; refusing to change it. Inspect it with "
             "vmsnap.qemu.qcow2_info (check: true) and repair it with 'qemu-img check -r' first.",
-            path=path,
+            image_path=path,
         )
 
 
@@ -135,7 +135,7 @@ def _single_snapshot(path: str, info: ImageInfo, name: str, state: str, required
         raise ValidationError(
             f"Snapshot name '{name}' is ambiguous in {path}: {len(found)} snapshots share it (IDs "
             f"{', '.join(ids)}); refusing state={state}. Remove the duplicates with qemu-img first.",
-            path=path,
+            image_path=path,
             snapshot_ids=ids,
         )
     if not found:
@@ -143,7 +143,7 @@ def _single_snapshot(path: str, info: ImageInfo, name: str, state: str, required
             raise ValidationError(
                 f"Snapshot '{name}' does not exist in {path}; cannot revert to it. Existing snapshots: "
                 f"{', '.join(snap.name for snap in info.snapshots) or 'none'}.",
-                path=path,
+                image_path=path,
             )
         return None
     return found[0]
@@ -176,7 +176,7 @@ def ensure_room_for_metadata(plan: ImagePlan) -> None:
         raise InsufficientSpaceError(
             f"Not enough free space for {plan.path}: {free} bytes free on its filesystem, at least {needed} "
             "needed for the snapshot metadata update. Nothing was changed; free some space first.",
-            path=plan.path,
+            image_path=plan.path,
             free_bytes=free,
             needed_bytes=needed,
         )

@@ -36,13 +36,13 @@ def validate_image_path(path: str, must_exist: bool = True) -> str:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise ValidationError(f"Image {path} does not exist.", path=path) from None
+        raise ValidationError(f"Image {path} does not exist.", image_path=path) from None
     except OSError as exc:
-        raise ValidationError(f"Image {path} cannot be read: {exc.strerror}.", path=path) from None
+        raise ValidationError(f"Image {path} cannot be read: {exc.strerror}.", image_path=path) from None
     if stat.S_ISDIR(st.st_mode):
-        raise ValidationError(f"Image path {path} is a directory, not an image file.", path=path)
+        raise ValidationError(f"Image path {path} is a directory, not an image file.", image_path=path)
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise ValidationError(f"Image path {path} is neither a regular file nor a block device.", path=path)
+        raise ValidationError(f"Image path {path} is neither a regular file nor a block device.", image_path=path)
     return path
 
 
@@ -53,7 +53,7 @@ def validate_snapshot_name(name: str) -> str:
     if name.isdigit() and name.isascii():
         raise ValidationError(
             f"Snapshot name {name!r} is purely numeric; qemu-img matches snapshot IDs before names "
-            "('qemu-img snapshot -a 1' applies ID 1), so numeric names are refused. Add a letter, e.g. 'snap-{name}'."
+            f"('qemu-img snapshot -a 1' applies ID 1), so numeric names are refused. Add a letter, e.g. 'snap-{name}'."
         )
     size = len(name.encode("utf-8"))
     if size > MAX_SNAPSHOT_NAME_BYTES:
