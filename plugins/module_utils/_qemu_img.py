@@ -75,7 +75,11 @@ class QemuImg:
             return parse_info(data, in_use=in_use)
         except (KeyError, TypeError, ValueError) as exc:
             raise QemuImgError(
-                f"Unexpected qemu-img info JSON for {path}: {exc!r}", [self.binary] + args + [path], 0, json.dumps(data), ""
+                f"Unexpected qemu-img info JSON for {path}: {exc!r}",
+                [self.binary] + args + [path],
+                0,
+                json.dumps(data),
+                "",
             ) from None
 
     def check(self, path: str, force_share: bool = False) -> dict[str, t.Any]:
@@ -89,7 +93,9 @@ class QemuImg:
         try:
             result = json.loads(out)
         except ValueError:
-            raise QemuImgError(f"Could not parse the JSON output of qemu-img check for {path}", cmd, rc, out, err) from None
+            raise QemuImgError(
+                f"Could not parse the JSON output of qemu-img check for {path}", cmd, rc, out, err
+            ) from None
         result["rc"] = rc
         return result
 

@@ -91,7 +91,8 @@ def plan_image(
         plan.prune, skipped = _prunable(info, policy, now, protect=name if state == "present" else None)
         plan.warnings.extend(
             f"{path}: not pruning snapshot '{snap.name}' (id {snap.id}): another snapshot has the same name "
-            "and qemu-img deletes by name only." for snap in skipped
+            "and qemu-img deletes by name only."
+            for snap in skipped
         )
     if plan.changed:
         _require_writable(path, info)

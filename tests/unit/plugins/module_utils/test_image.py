@@ -42,7 +42,9 @@ def test_iso_date_is_utc() -> None:
             "filename": "/x.qcow2",
             "format": "qcow2",
             "virtual-size": 1,
-            "snapshots": [{"id": "1", "name": "a", "date-sec": 0, "date-nsec": 5, "vm-clock-sec": 61, "vm-clock-nsec": 500000000}],
+            "snapshots": [
+                {"id": "1", "name": "a", "date-sec": 0, "date-nsec": 5, "vm-clock-sec": 61, "vm-clock-nsec": 500000000}
+            ],
         }
     )
     snap = info.snapshots[0].as_dict()

@@ -44,9 +44,10 @@ def test_second_locker_times_out_with_clear_message(tmp_path, holder) -> None:
     image = str(tmp_path / "a.qcow2")
     holder([image], seconds=2)
     started = time.monotonic()
-    with pytest.raises(LockTimeoutError, match="Another vmsnap.qemu task is changing .*a.qcow2"):
-        with image_locks([image], timeout=0.3, lock_dir=str(tmp_path / "locks")):
-            pass
+    expected = "Another vmsnap.qemu task is changing .*a.qcow2"
+    locks = str(tmp_path / "locks")
+    with pytest.raises(LockTimeoutError, match=expected), image_locks([image], timeout=0.3, lock_dir=locks):
+        pass
     assert 0.25 <= time.monotonic() - started < 1.5
 
 
@@ -73,6 +74,5 @@ def test_symlink_and_real_path_share_one_lock(tmp_path, holder) -> None:
     locks = str(tmp_path / "locks")
     assert lock_file_for(str(link), locks) == lock_file_for(str(real), locks)
     holder([str(real)], seconds=1)
-    with pytest.raises(LockTimeoutError):
-        with image_locks([str(link)], timeout=0.2, lock_dir=locks):
-            pass
+    with pytest.raises(LockTimeoutError), image_locks([str(link)], timeout=0.2, lock_dir=locks):
+        pass

@@ -33,7 +33,14 @@ def test_info_uses_argv_json_chain_and_c_locale(recorded) -> None:
     module = ReplayModule([(0, json.dumps(recorded.json("info-plain-qcow2.json")), "")])
     info = QemuImg(module).info("/tmp/q/rec/plain.qcow2")
     call = module.calls[0]
-    assert call["args"] == ["/usr/bin/qemu-img", "info", "--output=json", "--backing-chain", "--", "/tmp/q/rec/plain.qcow2"]
+    assert call["args"] == [
+        "/usr/bin/qemu-img",
+        "info",
+        "--output=json",
+        "--backing-chain",
+        "--",
+        "/tmp/q/rec/plain.qcow2",
+    ]
     assert call["environ_update"]["LANG"] == "C" and call["environ_update"]["LC_ALL"] == "C"
     assert call["expand_user_and_vars"] is False
     assert info.in_use is False
@@ -48,7 +55,14 @@ def test_locked_image_is_reread_with_force_share(recorded) -> None:
     )
     info = QemuImg(module).info("/tmp/q/run2.qcow2", backing_chain=False)
     assert info.in_use is True
-    assert module.calls[1]["args"] == ["/usr/bin/qemu-img", "info", "--output=json", "--force-share", "--", "/tmp/q/run2.qcow2"]
+    assert module.calls[1]["args"] == [
+        "/usr/bin/qemu-img",
+        "info",
+        "--output=json",
+        "--force-share",
+        "--",
+        "/tmp/q/run2.qcow2",
+    ]
 
 
 def test_write_lock_failure_becomes_in_use_error(recorded) -> None:
@@ -83,7 +97,9 @@ def test_unexpected_json_shape_is_an_error() -> None:
 
 def test_check_keeps_rc_for_corrupt_and_leaks(recorded) -> None:
     clean = json.dumps(recorded.json("check-clean.json"))
-    module = ReplayModule([(0, clean, ""), (3, clean, ""), (63, "", "qemu-img: This image format does not support checks")])
+    module = ReplayModule(
+        [(0, clean, ""), (3, clean, ""), (63, "", "qemu-img: This image format does not support checks")]
+    )
     runner = QemuImg(module)
     assert runner.check("/a.qcow2")["rc"] == 0
     assert runner.check("/a.qcow2", force_share=True)["rc"] == 3
@@ -99,4 +115,12 @@ def test_check_keeps_rc_for_corrupt_and_leaks(recorded) -> None:
 def test_snapshot_commands_pass_name_as_its_own_argument(method: str, flag: str) -> None:
     module = ReplayModule([(0, "", "")])
     getattr(QemuImg(module), method)("/v/d.qcow2", "name; rm -rf / $(x)")
-    assert module.calls[0]["args"] == ["/usr/bin/qemu-img", "snapshot", "-q", flag, "name; rm -rf / $(x)", "--", "/v/d.qcow2"]
+    assert module.calls[0]["args"] == [
+        "/usr/bin/qemu-img",
+        "snapshot",
+        "-q",
+        flag,
+        "name; rm -rf / $(x)",
+        "--",
+        "/v/d.qcow2",
+    ]

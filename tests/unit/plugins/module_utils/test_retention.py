@@ -20,7 +20,16 @@ def snap(snap_id: int, name: str, age_days: float) -> Snapshot:
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [("90", 90), ("90s", 90), ("15m", 900), ("12h", 43200), ("7d", 7 * DAY), ("2w", 14 * DAY), (3600, 3600), (" 3d ", 3 * DAY)],
+    [
+        ("90", 90),
+        ("90s", 90),
+        ("15m", 900),
+        ("12h", 43200),
+        ("7d", 7 * DAY),
+        ("2w", 14 * DAY),
+        (3600, 3600),
+        (" 3d ", 3 * DAY),
+    ],
 )
 def test_parse_duration(value, seconds: int) -> None:
     assert parse_duration(value) == seconds

@@ -85,7 +85,9 @@ def test_raw_image_is_refused(recorded) -> None:
         plan_image("/r", parse_info(recorded.json("info-raw.json")), "present", "x", None, NOW)
 
 
-@pytest.mark.parametrize(("state", "name"), [("present", "new"), ("absent", "pre-upgrade"), ("reverted", "pre-upgrade")])
+@pytest.mark.parametrize(
+    ("state", "name"), [("present", "new"), ("absent", "pre-upgrade"), ("reverted", "pre-upgrade")]
+)
 def test_in_use_image_is_refused_when_a_write_is_needed(base_doc, state: str, name: str) -> None:
     with pytest.raises(ImageInUseError, match="in use by a running QEMU.*qmp_live_snapshot"):
         plan_image("/b", parse_info(without_bitmaps(base_doc), in_use=True), state, name, None, NOW)

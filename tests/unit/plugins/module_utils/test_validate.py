@@ -15,7 +15,9 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._validate import (
 )
 
 
-@pytest.mark.parametrize("name", ["pre-upgrade", "auto-20261127T020000Z", "a b", 'quo"te', "ünïcødé", "x" * 255, "1a", "v1.2"])
+@pytest.mark.parametrize(
+    "name", ["pre-upgrade", "auto-20261127T020000Z", "a b", 'quo"te', "ünïcødé", "x" * 255, "1a", "v1.2"]
+)
 def test_good_snapshot_names_pass(name: str) -> None:
     assert validate_snapshot_name(name) == name
 

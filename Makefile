@@ -1,0 +1,104 @@
+# vmsnap.qemu: the two commands of the README, and the pieces they are made of.
+#   make demo   - checkpoint -> broken upgrade -> rollback on a real qcow2 disk
+#   make test   - every test layer: ruff, sanity, unit, integration, lint, galaxy build + install
+# Both install what they need first: Debian packages (via apt-get, with sudo when not root) and .venv.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+APT_PACKAGES := qemu-utils qemu-system-x86 python3-venv util-linux
+VENV := $(CURDIR)/.venv
+BUILD := $(CURDIR)/build
+# ansible-test and galaxy need a real ansible_collections/vmsnap/qemu path (not a symlink).
+COLLECTIONS_ROOT := $(BUILD)/src
+COLLECTION_COPY := $(COLLECTIONS_ROOT)/ansible_collections/vmsnap/qemu
+INSTALL_ROOT := $(BUILD)/installed
+VERSION := $(shell sed -n 's/^version: *//p' galaxy.yml)
+TARBALL := $(BUILD)/vmsnap-qemu-$(VERSION).tar.gz
+# ansible-core 2.19 runs its controller on Python 3.11-3.13.
+PYTHON ?= $(shell for p in python3.11 python3.12 python3.13 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(not (3,11) <= sys.version_info[:2] <= (3,13))' 2>/dev/null \
+	&& { command -v $$p; break; }; done)
+
+export ANSIBLE_FORCE_COLOR := 0
+export ANSIBLE_NOCOLOR := 1
+export PY_COLORS := 0
+
+.PHONY: help
+help:
+	@echo "make demo   - run the checkpoint/rollback demo on a scratch disk"
+	@echo "make test   - run every test layer (installs what it needs)"
+	@echo "make bench  - run the benchmark and print the ratios for docs/performance.md"
+
+.PHONY: system-packages
+system-packages:
+	@tools/install-system-packages.sh $(APT_PACKAGES)
+
+$(VENV)/.installed: requirements-dev.txt
+	@test -n "$(PYTHON)" || { echo "Python 3.11-3.13 is needed for the Ansible controller" >&2; exit 1; }
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	@touch $@
+
+.PHONY: deps
+deps: system-packages $(VENV)/.installed
+
+# A real copy of the tree at .../ansible_collections/vmsnap/qemu, tracked and new files only.
+.PHONY: copy
+copy:
+	@rm -rf $(COLLECTIONS_ROOT) && mkdir -p $(COLLECTION_COPY)
+	@git ls-files -z --cached --others --exclude-standard | \
+		while IFS= read -r -d '' f; do [ -e "$$f" ] && printf '%s\0' "$$f"; done | \
+		tar --null --no-recursion -T - -cf - | tar -xf - -C $(COLLECTION_COPY)
+
+.PHONY: demo
+demo: deps copy
+	ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) $(VENV)/bin/ansible-playbook -i localhost, demo/offline_rollback.yml
+
+.PHONY: test
+test: deps
+	@$(MAKE) --no-print-directory ruff changelog-lint copy sanity units integration lint galaxy
+	@echo "make test: all layers passed"
+
+.PHONY: ruff
+ruff:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+.PHONY: changelog-lint
+changelog-lint:
+	$(VENV)/bin/antsibull-changelog lint
+
+.PHONY: sanity
+sanity:
+	VENV=$(VENV) SRC=$(COLLECTION_COPY) STEPS=sanity tools/ansible-test.sh
+
+.PHONY: units
+units:
+	VENV=$(VENV) SRC=$(COLLECTION_COPY) STEPS=units tools/ansible-test.sh
+
+.PHONY: integration
+integration:
+	VENV=$(VENV) SRC=$(COLLECTION_COPY) STEPS=integration tools/ansible-test.sh
+
+.PHONY: lint
+lint:
+	cd $(COLLECTION_COPY) && ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) PATH=$(VENV)/bin:$$PATH \
+		$(VENV)/bin/ansible-lint --profile production --strict
+
+# Build the tarball, install it into an empty folder, and run a module from the installed copy.
+.PHONY: galaxy
+galaxy:
+	rm -rf $(INSTALL_ROOT) $(TARBALL)
+	cd $(COLLECTION_COPY) && $(VENV)/bin/ansible-galaxy collection build --force --output-path $(BUILD)
+	env -u ANSIBLE_COLLECTIONS_PATH $(VENV)/bin/ansible-galaxy collection install $(TARBALL) -p $(INSTALL_ROOT)
+	VENV=$(VENV) INSTALL_ROOT=$(INSTALL_ROOT) tools/smoke-installed.sh
+
+.PHONY: bench
+bench: deps copy
+	ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) $(VENV)/bin/python benchmarks/snapshot_many.py
+
+.PHONY: clean
+clean:
+	rm -rf $(BUILD) tests/output
