@@ -208,23 +208,36 @@ def execute(qemu_img: QemuImg, plans: list[ImagePlan]) -> None:
 
 
 def _create_all_or_nothing(qemu_img: QemuImg, plans: list[ImagePlan]) -> None:
-    created: list[ImagePlan] = []
-    for plan in plans:
+    """Create on every image (in parallel); if any fails, delete the ones that succeeded and raise."""
+
+    def attempt(plan: ImagePlan) -> VmsnapError | None:
         try:
             qemu_img.snapshot_create(plan.path, t.cast(str, plan.name))
         except VmsnapError as exc:
-            undone, stuck = [], []
-            for earlier in reversed(created):
-                try:
-                    qemu_img.snapshot_delete(earlier.path, t.cast(str, earlier.name))
-                    undone.append(earlier.path)
-                except VmsnapError as undo_exc:
-                    stuck.append(f"{earlier.path} ({undo_exc.msg})")
-            exc.msg = f"Creating snapshot '{plan.name}' on {plan.path} failed: {exc.msg}"
-            if undone:
-                exc.msg += f" Removed the snapshots this task had already made on: {', '.join(undone)}."
-            if stuck:
-                exc.msg += f" Could NOT remove the snapshot made on: {'; '.join(stuck)}."
-            exc.details.update(rolled_back=undone, rollback_failed=stuck)
-            raise
-        created.append(plan)
+            return exc
+        return None
+
+    outcomes = qemu_img.map_parallel(attempt, plans)
+    failures = [(plan, exc) for plan, exc in zip(plans, outcomes) if exc is not None]
+    if not failures:
+        return
+    created = [plan for plan, exc in zip(plans, outcomes) if exc is None]
+    undone, stuck = [], []
+    for plan in created:
+        try:
+            qemu_img.snapshot_delete(plan.path, t.cast(str, plan.name))
+            undone.append(plan.path)
+        except VmsnapError as undo_exc:
+            stuck.append(f"{plan.path} ({undo_exc.msg})")
+    failed_plan, error = failures[0]
+    error.msg = f"Creating snapshot '{failed_plan.name}' on {failed_plan.path} failed: {error.msg}"
+    for other_plan, other in failures[1:]:
+        error.msg += f" It also failed on {other_plan.path}: {other.msg}"
+    if undone:
+        error.msg += f" Removed the snapshots this task had already made on: {', '.join(undone)}."
+    if stuck:
+        error.msg += f" Could NOT remove the snapshot made on: {'; '.join(stuck)}."
+    error.details.update(
+        failed_paths=[plan.path for plan, dummy in failures], rolled_back=undone, rollback_failed=stuck
+    )
+    raise error

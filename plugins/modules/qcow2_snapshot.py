@@ -249,7 +249,8 @@ def main() -> t.NoReturn:
             with image_locks(paths, timeout=params["lock_timeout"]):
                 plans = _plan(qemu_img, paths, params["state"], name, policy)
                 execute(qemu_img, plans)
-                after = {plan.path: qemu_img.info(plan.path, backing_chain=False) for plan in plans if plan.changed}
+                changed_paths = [plan.path for plan in plans if plan.changed]
+                after = dict(zip(changed_paths, qemu_img.info_many(changed_paths, backing_chain=False)))
     except VmsnapError as exc:
         exc.do_fail(module, changed=False)
 
@@ -272,7 +273,8 @@ def _plan(
     qemu_img: QemuImg, paths: list[str], state: str, name: str | None, policy: RetentionPolicy | None
 ) -> list[ImagePlan]:
     now = time.time()
-    return [plan_image(path, qemu_img.info(path, backing_chain=False), state, name, policy, now) for path in paths]
+    infos = qemu_img.info_many(paths, backing_chain=False)
+    return [plan_image(path, info, state, name, policy, now) for path, info in zip(paths, infos)]
 
 
 def _result(plan: ImagePlan, after: ImageInfo | None) -> dict[str, t.Any]:
