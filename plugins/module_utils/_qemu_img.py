@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import ImageInUseError, QemuImgError
 from ansible_collections.vmsnap.qemu.plugins.module_utils._image import ImageInfo, parse_info
+from ansible_collections.vmsnap.qemu.plugins.module_utils._qcow2_native import probe_qemu_locks, read_qcow2_layer
 
 if t.TYPE_CHECKING:
     from ansible.module_utils.basic import AnsibleModule
@@ -91,7 +92,9 @@ class QemuImg:
         try:
             try:
                 data = self.run_json(args + ["--", path])
-                in_use = False
+                # qemu-img only notices writers; a VM using the image read-only also forbids writes.
+                locks = probe_qemu_locks(path)
+                in_use = locks is not None and locks.blocks_writes
             except ImageInUseError:
                 data = self.run_json(args + ["--force-share", "--", path])
                 in_use = True
@@ -112,6 +115,19 @@ class QemuImg:
     def info_many(self, paths: list[str], backing_chain: bool = True) -> list[ImageInfo]:
         """info() for several images at once, in parallel; the first failure is raised."""
         return self.map_parallel(lambda path: self.info(path, backing_chain=backing_chain), paths)
+
+    def read_top(self, path: str) -> ImageInfo:
+        """The image's own snapshots and bitmaps (no chain): read directly when it is a plain qcow2 image
+        that no process holds, else through qemu-img info. Same model either way."""
+        locks = probe_qemu_locks(path)
+        if locks is not None and not locks.blocks_writes:
+            layer = read_qcow2_layer(path)
+            if layer is not None:
+                return ImageInfo(chain=(layer,), in_use=False)
+        return self.info(path, backing_chain=False)
+
+    def read_top_many(self, paths: list[str]) -> list[ImageInfo]:
+        return self.map_parallel(self.read_top, paths)
 
     @staticmethod
     def map_parallel(func: t.Callable[[T], R], items: t.Sequence[T]) -> list[R]:

@@ -250,7 +250,7 @@ def main() -> t.NoReturn:
                 plans = _plan(qemu_img, paths, params["state"], name, policy)
                 execute(qemu_img, plans)
                 changed_paths = [plan.path for plan in plans if plan.changed]
-                after = dict(zip(changed_paths, qemu_img.info_many(changed_paths, backing_chain=False)))
+                after = dict(zip(changed_paths, qemu_img.read_top_many(changed_paths)))
     except VmsnapError as exc:
         exc.do_fail(module, changed=False)
 
@@ -273,7 +273,7 @@ def _plan(
     qemu_img: QemuImg, paths: list[str], state: str, name: str | None, policy: RetentionPolicy | None
 ) -> list[ImagePlan]:
     now = time.time()
-    infos = qemu_img.info_many(paths, backing_chain=False)
+    infos = qemu_img.read_top_many(paths)
     return [plan_image(path, info, state, name, policy, now) for path, info in zip(paths, infos)]
 
 
