@@ -72,15 +72,15 @@ changelog-lint:
 
 .PHONY: sanity
 sanity:
-	VENV=$(VENV) SRC=$(COLLECTION_COPY) STEPS=sanity tools/ansible-test.sh
+	VENV=$(VENV) SRC=$(CURDIR) WORK=$(BUILD)/ansible-test STEPS=sanity tools/ansible-test.sh
 
 .PHONY: units
 units:
-	VENV=$(VENV) SRC=$(COLLECTION_COPY) STEPS=units tools/ansible-test.sh
+	VENV=$(VENV) SRC=$(CURDIR) WORK=$(BUILD)/ansible-test STEPS=units tools/ansible-test.sh
 
 .PHONY: integration
 integration:
-	VENV=$(VENV) SRC=$(COLLECTION_COPY) STEPS=integration tools/ansible-test.sh
+	VENV=$(VENV) SRC=$(CURDIR) WORK=$(BUILD)/ansible-test STEPS=integration tools/ansible-test.sh
 
 .PHONY: lint
 lint:

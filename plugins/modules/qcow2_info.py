@@ -165,14 +165,25 @@ image:
         - {name: bm0, granularity: 65536, flags: [auto]}
     in_use:
       description:
-        - Whether another process (normally a running QEMU) holds the image's write lock.
-        - Readers such as a VM that uses the image as a read-only backing file are not detected.
+        - Whether a running QEMU holds the image in a way that forbids writing it, detected through QEMU's own
+          image locks - it writes the image, or it uses it read-only without sharing writes.
+        - A backing file that a running VM reads is also in use in this sense.
       type: bool
       sample: false
     check:
-      description: Result of C(qemu-img check --output=json), with its exit code as RV(image.check.rc).
+      description:
+        - Result of C(qemu-img check --output=json), as qemu-img prints it (keys with dashes), plus its exit code.
       returned: when O(check=true)
       type: dict
+      contains:
+        rc:
+          description: Exit code of C(qemu-img check). V(0) clean, V(2) corruptions found, V(3) leaked clusters only.
+          type: int
+          sample: 0
+        check-errors:
+          description: Errors that prevented the check from completing.
+          type: int
+          sample: 0
       sample: {filename: /var/lib/vms/web01.qcow2, format: qcow2, check-errors: 0, image-end-offset: 1703936,
                total-clusters: 1024, allocated-clusters: 16, rc: 0}
 """

@@ -144,15 +144,41 @@ RETURN = r"""
 snapshot:
   description:
     - The snapshot acted on (created, found, deleted or applied), when O(path) was given.
-    - In check mode a snapshot that would be created has V(null) for RV(snapshot.id) and RV(snapshot.date).
     - V(null) for O(state=absent) when there was nothing to delete, and for O(state=pruned).
   returned: when O(path) is used
   type: dict
-  sample: {id: "3", name: pre-upgrade, vm_state_size: 0, date: "2026-11-27T14:29:35Z", date_epoch: 1795789775.83,
-           vm_clock: 0.0}
+  contains:
+    id:
+      description:
+        - QEMU's snapshot ID.
+        - In check mode a snapshot that would be created has no ID yet (V(null)).
+      type: str
+      sample: "3"
+    name:
+      description: The snapshot's name (tag).
+      type: str
+      sample: pre-upgrade
+    vm_state_size:
+      description: Bytes of saved VM state; V(0) for the disk-only snapshots this module makes.
+      type: int
+      sample: 0
+    date:
+      description:
+        - Creation time, ISO 8601 in UTC.
+        - V(null) in check mode for a snapshot that would be created.
+      type: str
+      sample: "2026-11-27T14:29:35Z"
+    date_epoch:
+      description: Creation time in seconds since the epoch (V(null) like RV(snapshot.date)).
+      type: float
+      sample: 1795789775.83
+    vm_clock:
+      description: The guest clock stored with the snapshot, in seconds.
+      type: float
+      sample: 0.0
 snapshots:
   description:
-    - All internal snapshots of the image after the task, when O(path) was given.
+    - All internal snapshots of the image after the task, when O(path) was given, with the keys of RV(snapshot).
     - In check mode, the predicted list.
   returned: when O(path) is used
   type: list
@@ -169,18 +195,35 @@ pruned:
   elements: str
   sample: [auto-20261101T020000Z]
 results:
-  description: One entry per image, in the order given, with the same keys as for a single O(path).
+  description: One entry per image, in the order given.
   returned: always
   type: list
   elements: dict
-  sample:
-    - path: /var/lib/vms/db01-system.qcow2
-      changed: true
-      snapshot: {id: "1", name: pre-upgrade, vm_state_size: 0, date: "2026-11-27T14:29:35Z",
-                 date_epoch: 1795789775.83, vm_clock: 0.0}
-      snapshots: [{id: "1", name: pre-upgrade, vm_state_size: 0, date: "2026-11-27T14:29:35Z",
-                   date_epoch: 1795789775.83, vm_clock: 0.0}]
-      pruned: []
+  contains:
+    path:
+      description: The image.
+      type: str
+      sample: /var/lib/vms/db01-system.qcow2
+    changed:
+      description: Whether this image was (or in check mode would be) changed.
+      type: bool
+      sample: true
+    snapshot:
+      description: As RV(snapshot), for this image.
+      type: dict
+      sample: {id: "1", name: pre-upgrade, vm_state_size: 0, date: "2026-11-27T14:29:35Z",
+               date_epoch: 1795789775.83, vm_clock: 0.0}
+    snapshots:
+      description: As RV(snapshots), for this image.
+      type: list
+      elements: dict
+      sample: [{id: "1", name: pre-upgrade, vm_state_size: 0, date: "2026-11-27T14:29:35Z",
+                date_epoch: 1795789775.83, vm_clock: 0.0}]
+    pruned:
+      description: As RV(pruned), for this image.
+      type: list
+      elements: str
+      sample: []
 """
 
 import time
