@@ -14,6 +14,8 @@ BUILD := $(CURDIR)/build
 COLLECTIONS_ROOT := $(BUILD)/src
 COLLECTION_COPY := $(COLLECTIONS_ROOT)/ansible_collections/vmsnap/qemu
 INSTALL_ROOT := $(BUILD)/installed
+# ansible-test must run outside this git work tree: inside it, it only sees files that git tracks here.
+ANSIBLE_TEST_WORK ?= /tmp/vmsnap-ansible-test
 VERSION := $(shell sed -n 's/^version: *//p' galaxy.yml)
 TARBALL := $(BUILD)/vmsnap-qemu-$(VERSION).tar.gz
 # ansible-core 2.19 runs its controller on Python 3.11-3.13.
@@ -72,15 +74,15 @@ changelog-lint:
 
 .PHONY: sanity
 sanity:
-	VENV=$(VENV) SRC=$(CURDIR) WORK=$(BUILD)/ansible-test STEPS=sanity tools/ansible-test.sh
+	VENV=$(VENV) SRC=$(CURDIR) WORK=$(ANSIBLE_TEST_WORK) STEPS=sanity tools/ansible-test.sh
 
 .PHONY: units
 units:
-	VENV=$(VENV) SRC=$(CURDIR) WORK=$(BUILD)/ansible-test STEPS=units tools/ansible-test.sh
+	VENV=$(VENV) SRC=$(CURDIR) WORK=$(ANSIBLE_TEST_WORK) STEPS=units tools/ansible-test.sh
 
 .PHONY: integration
 integration:
-	VENV=$(VENV) SRC=$(CURDIR) WORK=$(BUILD)/ansible-test STEPS=integration tools/ansible-test.sh
+	VENV=$(VENV) SRC=$(CURDIR) WORK=$(ANSIBLE_TEST_WORK) STEPS=integration tools/ansible-test.sh
 
 .PHONY: lint
 lint:

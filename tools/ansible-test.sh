@@ -76,7 +76,7 @@ for step in $STEPS; do
   # shellcheck disable=SC2086  # extra args are split on purpose
   "$AT" "$step" "${args[@]}" --requirements --color no $extra 2>&1 | tee "$WORK/logs/$step.log"
   r=${PIPESTATUS[0]}; set -e
-  if [ "$r" = 0 ] && [ "$STRICT" = 1 ] && grep -E "Skipping sanity test|Skipping tests disabled|Required program .* not found" \
+  if [ "$r" = 0 ] && [ "$STRICT" = 1 ] && grep -E "Skipping sanity test|Skipping tests disabled|Required program .* not found|All targets skipped" \
        "$WORK/logs/$step.log" | grep -v '^WARNING: Reviewing'; then echo "ERROR: $step skipped tests (STRICT=1)" >&2; r=1; fi
   if [ "$r" = 0 ] && [ "$step" = integration ]; then   # every test target must really have run
     for t in tests/integration/targets/*/; do
