@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime
 import typing as t
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,6 @@ class ImageInfo:
 
     chain: tuple[Layer, ...]
     in_use: bool = False
-    raw: list[dict[str, t.Any]] = field(default_factory=list, compare=False, repr=False)
 
     @property
     def top(self) -> Layer:
@@ -121,7 +120,7 @@ def parse_info(data: t.Any, in_use: bool = False) -> ImageInfo:
     documents = data if isinstance(data, list) else [data]
     if not documents or not all(isinstance(doc, dict) for doc in documents):
         raise ValueError("qemu-img info JSON is neither an object nor a non-empty list of objects")
-    return ImageInfo(chain=tuple(parse_layer(doc) for doc in documents), in_use=in_use, raw=documents)
+    return ImageInfo(chain=tuple(parse_layer(doc) for doc in documents), in_use=in_use)
 
 
 def parse_layer(doc: dict[str, t.Any]) -> Layer:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 import typing as t
@@ -184,27 +185,37 @@ def ensure_room_for_metadata(plan: ImagePlan) -> None:
 
 
 def execute(qemu_img: QemuImg, plans: list[ImagePlan]) -> None:
-    """Carry out plans. Creation is all-or-nothing across images; deletions and reverts cannot be undone."""
+    """Carry out plans. Creation is all-or-nothing across images; deletions and reverts cannot be undone.
+
+    On failure the error lists, in details["changed_paths"], the images this task did change.
+    """
     for plan in plans:
         if plan.changed:
             ensure_room_for_metadata(plan)
-    _create_all_or_nothing(qemu_img, [plan for plan in plans if plan.create])
-    done: list[str] = []
-    for plan in plans:
-        try:
-            if plan.delete is not None:
-                qemu_img.snapshot_delete(plan.path, plan.delete.name)
-            if plan.revert is not None:
-                qemu_img.snapshot_apply(plan.path, plan.revert.name)
-            for snap in plan.prune:
-                qemu_img.snapshot_delete(plan.path, snap.name)
-        except VmsnapError as exc:
-            if done:
-                exc.msg += f" Images already changed by this task before the failure: {', '.join(done)}."
-                exc.details["changed_paths"] = list(done)
-            raise
-        if plan.delete is not None or plan.revert is not None or plan.prune:
-            done.append(plan.path)
+    changed: list[str] = []
+    try:
+        _create_all_or_nothing(qemu_img, [plan for plan in plans if plan.create])
+        changed.extend(plan.path for plan in plans if plan.create)
+        for plan in plans:
+            for step in _irreversible_steps(qemu_img, plan):
+                step()
+                if plan.path not in changed:
+                    changed.append(plan.path)
+    except VmsnapError as exc:
+        if changed:
+            exc.msg += f" Images already changed by this task before the failure: {', '.join(changed)}."
+            exc.details["changed_paths"] = changed
+        raise
+
+
+def _irreversible_steps(qemu_img: QemuImg, plan: ImagePlan) -> list[t.Callable[[], None]]:
+    steps: list[t.Callable[[], None]] = []
+    if plan.delete is not None:
+        steps.append(functools.partial(qemu_img.snapshot_delete, plan.path, plan.delete.name))
+    if plan.revert is not None:
+        steps.append(functools.partial(qemu_img.snapshot_apply, plan.path, plan.revert.name))
+    steps.extend(functools.partial(qemu_img.snapshot_delete, plan.path, snap.name) for snap in plan.prune)
+    return steps
 
 
 def _create_all_or_nothing(qemu_img: QemuImg, plans: list[ImagePlan]) -> None:

@@ -295,7 +295,8 @@ def main() -> t.NoReturn:
                 changed_paths = [plan.path for plan in plans if plan.changed]
                 after = dict(zip(changed_paths, qemu_img.read_top_many(changed_paths)))
     except VmsnapError as exc:
-        exc.do_fail(module, changed=False)
+        half_done = bool(exc.details.get("changed_paths") or exc.details.get("rollback_failed"))
+        exc.do_fail(module, changed=half_done)
 
     for plan in plans:
         for warning in plan.warnings:
