@@ -7,7 +7,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
 
-APT_PACKAGES := qemu-utils qemu-system-x86 python3-venv util-linux
+APT_PACKAGES := qemu-utils qemu-system-x86 python3-venv util-linux shellcheck git
 VENV := $(CURDIR)/.venv
 BUILD := $(CURDIR)/build
 # ansible-test and galaxy need a real ansible_collections/vmsnap/qemu path (not a symlink).

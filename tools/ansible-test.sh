@@ -33,12 +33,25 @@ for flag, pkg in (('--no-setuptools', 'setuptools'), ('--no-wheel', 'wheel')):  
 EOF
 mv -f "$gp.$$" "$gp"
 
-# 2. real interpreters first on PATH (non-global pyenv shims exit 127; import test looks up pythonX.Y on PATH)
+# 2. real interpreters first on PATH (non-global pyenv shims exit 127; import test looks up pythonX.Y on PATH).
+# A machine without some of the extra versions (a plain Debian has only its python3) tests the ones it has;
+# CI (CI=true) must have them all.
+found=" "
 for v in $CTL $SANITY_PYTHONS $UNITS_PYTHONS; do
-  ok=; for c in "$PYENV_VERSIONS/$v".*/bin/"python$v" "/usr/bin/python$v" "/usr/local/bin/python$v"; do
-    if [ -x "$c" ] && "$c" -c 'import venv, ensurepip' 2>/dev/null; then ln -sfn "$c" "$WORK/bin/python$v"; ok=1; break; fi
-  done; [ -n "$ok" ] || { echo "ERROR: python$v not found" >&2; exit 2; }
+  case "$found" in *" $v "*) continue ;; esac
+  for c in "$PYENV_VERSIONS/$v".*/bin/"python$v" "/usr/bin/python$v" "/usr/local/bin/python$v"; do
+    if [ -x "$c" ] && "$c" -c 'import venv, ensurepip' 2>/dev/null; then ln -sfn "$c" "$WORK/bin/python$v"; found="$found$v "; break; fi
+  done
 done
+keep_found() { local out="" v; for v in $1; do case "$found" in *" $v "*) out="$out $v" ;; esac; done; echo "${out# }"; }
+case "$found" in *" $CTL "*) ;; *) echo "ERROR: python$CTL (the controller) not found" >&2; exit 2 ;; esac
+missing=" "
+for v in $SANITY_PYTHONS $UNITS_PYTHONS; do
+  case "$found$missing" in *" $v "*) continue ;; esac
+  if [ "${CI:-}" = true ]; then echo "ERROR: python$v not found" >&2; exit 2; fi
+  echo "WARNING: python$v not found; its compile/import/unit runs are left out on this machine" >&2; missing="$missing$v "
+done
+SANITY_PYTHONS="$(keep_found "$SANITY_PYTHONS")"; UNITS_PYTHONS="$(keep_found "$UNITS_PYTHONS")"
 export PATH="$WORK/bin:$VENV/bin:$PATH"; unset ANSIBLE_COLLECTIONS_PATH ANSIBLE_COLLECTIONS_PATHS PYTHONPATH
 
 # 3. copy SRC to a real ansible_collections/vmsnap/qemu; keep tests/output (cached delegation venvs)
