@@ -226,12 +226,13 @@ results:
       sample: []
 """
 
+import os
 import time
 import typing as t
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import VmsnapError
+from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import ValidationError, VmsnapError
 from ansible_collections.vmsnap.qemu.plugins.module_utils._image import ImageInfo
 from ansible_collections.vmsnap.qemu.plugins.module_utils._lock import image_locks
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qemu_img import QemuImg
@@ -277,10 +278,14 @@ def main() -> t.NoReturn:
     plans: list[ImagePlan] = []
     after: dict[str, ImageInfo] = {}
     try:
+        if not paths:
+            raise ValidationError("paths must list at least one image.")
         for path in paths:
             validate_image_path(path)
-        if len(set(paths)) != len(paths):
-            raise VmsnapError("paths lists the same image more than once.", paths=paths)
+        if len({os.path.realpath(path) for path in paths}) != len(paths):
+            raise ValidationError("paths lists the same image more than once.", paths=paths)
+        if params["retention"] is not None and params["state"] not in ("present", "pruned"):
+            raise ValidationError(f"retention applies to state=present and state=pruned, not state={params['state']}.")
         name = params["name"]
         if params["state"] != "pruned" or name is not None:
             validate_snapshot_name(name)
