@@ -163,6 +163,42 @@ class QemuImg:
         """qemu-img -a tries IDs before tags: callers must refuse purely numeric names."""
         self.run(["snapshot", "-q", "-a", name, "--", path])
 
+    def create_overlay(self, path: str, backing: str, backing_format: str, size: str | None = None) -> None:
+        """A new qcow2 file on top of backing; the backing format is always explicit (-F, mandatory since 6.1)."""
+        self.run(
+            ["create", "-q", "-f", "qcow2", "-b", backing, "-F", backing_format, "--", path] + ([size] if size else [])
+        )
+
+    def commit(self, path: str, drop_top: bool) -> None:
+        """Write path's data into its backing file, in place. drop_top skips emptying path (it is deleted next)."""
+        self.run(["commit", "-q", "-f", "qcow2"] + (["-d"] if drop_top else []) + ["--", path])
+
+    def convert_standalone(self, source: str, target: str, compress: bool, bitmaps: bool) -> None:
+        """Copy what source's whole chain shows into a new qcow2 file with no backing file."""
+        args = ["convert", "-q", "-O", "qcow2"] + (["-c"] if compress else []) + (["--bitmaps"] if bitmaps else [])
+        self.run(args + ["--", source, target])
+
+    def allocated_bytes(self, path: str) -> int:
+        """Guest bytes that path itself defines (data or zeroes, not its backing files), from qemu-img map."""
+        extents = self.run_json(["map", "--output=json", "--", path])
+        return sum(int(ext["length"]) for ext in extents if ext.get("present") and ext.get("depth") == 0)
+
+    def compare(self, first: str, second: str) -> bool:
+        """Whether two images show the guest the same data; rc 1 means they differ, anything else is an error."""
+        cmd = [self.binary, "compare", "-q", "--", first, second]
+        rc, out, err = self._execute(cmd)
+        if rc not in (0, 1):
+            raise self._error(cmd, rc, out, err)
+        return rc == 0
+
+    def rebase(self, path: str, backing: str, backing_format: str, unsafe: bool) -> None:
+        """Point path at backing; the safe mode copies the differences so the guest sees the same data."""
+        self.run(
+            ["rebase", "-q", "-f", "qcow2"]
+            + (["-u"] if unsafe else [])
+            + ["-b", backing, "-F", backing_format, "--", path]
+        )
+
     def _error(self, cmd: list[str], rc: int, out: str, err: str) -> QemuImgError:
         detail = (err or out).strip()
         if is_lock_error(err):
