@@ -82,6 +82,7 @@ class ChainPlan:
     action: str | None = None  # create | delete | commit | flatten | rebase
     backing: str | None = None
     backing_format: str | None = None
+    size: str | None = None
     chain_after: list[str] = field(default_factory=list)
     dependants: list[str] = field(default_factory=list)
 
@@ -101,6 +102,7 @@ class ChainRequest:
     backing: str | None
     max_depth: int
     search_dirs: list[str]
+    size: str | None = None
     keep: bool = False
     force: bool = False
 
@@ -141,6 +143,7 @@ def _plan_present(qemu_img: QemuImg, request: ChainRequest, plan: ChainPlan) -> 
         raise ValidationError(f"The folder of {plan.path} does not exist.")
     backing_info = _read_backing(qemu_img, plan.path, backing, request.max_depth)
     plan.action, plan.backing, plan.backing_format = "create", backing, backing_info.top.format
+    plan.size = request.size
     plan.chain_after = [plan.path] + _names(backing_info)
 
 
@@ -282,7 +285,7 @@ def execute_chain(
     started = time.monotonic()
     outcome = Outcome()
     if plan.action == "create":
-        qemu_img.create_overlay(plan.path, t.cast(str, plan.backing), t.cast(str, plan.backing_format))
+        qemu_img.create_overlay(plan.path, t.cast(str, plan.backing), t.cast(str, plan.backing_format), plan.size)
     elif plan.action == "delete":
         os.unlink(plan.path)
     elif plan.action == "commit":

@@ -42,6 +42,12 @@ options:
         transient inconsistencies, because the image changes while it is read.
     type: bool
     default: false
+  search_dirs:
+    description:
+      - Also list, as RV(image.dependants), the images in these folders (not searched recursively) that use
+        O(path) as their backing file, so that you can see what relies on an image before deleting it.
+    type: list
+    elements: path
 requirements:
   - C(qemu-img) (Debian/Ubuntu package C(qemu-utils)) on the target host.
 seealso:
@@ -63,6 +69,13 @@ EXAMPLES = r"""
 - name: Show internal snapshot names
   ansible.builtin.debug:
     msg: "{{ web01_disk.image.snapshots | map(attribute='name') | list }}"
+
+- name: See which overlays in the folder rely on the golden image
+  vmsnap.qemu.qcow2_info:
+    path: /var/lib/vms/golden.qcow2
+    backing_chain: false
+    search_dirs: [/var/lib/vms]
+  register: golden
 
 - name: Check the image for corruption and leaks
   vmsnap.qemu.qcow2_info:
@@ -170,6 +183,12 @@ image:
         - A backing file that a running VM reads is also in use in this sense.
       type: bool
       sample: false
+    dependants:
+      description: Images in O(search_dirs) whose backing file is O(path).
+      returned: when O(search_dirs) is given
+      type: list
+      elements: str
+      sample: [/var/lib/vms/ci-run-17.qcow2, /var/lib/vms/ci-run-18.qcow2]
     check:
       description:
         - Result of C(qemu-img check --output=json), as qemu-img prints it (keys with dashes), plus its exit code.
@@ -192,6 +211,7 @@ import typing as t
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.vmsnap.qemu.plugins.module_utils._chain import find_dependants
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import VmsnapError
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qemu_img import QemuImg
 from ansible_collections.vmsnap.qemu.plugins.module_utils._validate import validate_image_path
@@ -203,6 +223,7 @@ def main() -> t.NoReturn:
             path=dict(type="path", required=True),
             backing_chain=dict(type="bool", default=True),
             check=dict(type="bool", default=False),
+            search_dirs=dict(type="list", elements="path"),
         ),
         supports_check_mode=True,
     )
@@ -213,6 +234,9 @@ def main() -> t.NoReturn:
         image = info.as_dict()
         if module.params["check"]:
             image["check"] = qemu_img.check(path, force_share=info.in_use)
+        if module.params["search_dirs"] is not None:
+            folders = [validate_image_path(folder, must_exist=False) for folder in module.params["search_dirs"]]
+            image["dependants"] = find_dependants(qemu_img, path, folders)
     except VmsnapError as exc:
         exc.do_fail(module)
     module.exit_json(changed=False, image=image)
