@@ -212,4 +212,7 @@ class QemuImg:
                 stdout=out,
                 stderr=err,
             )
+        if rc < 0:
+            detail = f"qemu-img was killed by signal {-rc}. {detail}".strip()
+            return QemuImgError(detail, cmd, rc, out, err)
         return QemuImgError(f"qemu-img failed (rc={rc}): {detail}", cmd, rc, out, err)

@@ -262,7 +262,8 @@ def main() -> t.NoReturn:
                         unsafe=params["unsafe"],
                         verify=params["verify"],
                     )
-                    plan.chain_after = _read_chain(qemu_img, path, backing or plan.backing)
+                    if plan.state != "absent":
+                        plan.chain_after = _read_chain(qemu_img, path, backing or plan.backing)
     except VmsnapError as exc:
         exc.do_fail(module, changed=False)
 

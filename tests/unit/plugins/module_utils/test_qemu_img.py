@@ -136,3 +136,9 @@ def test_real_process_seam_runs_argv_in_c_locale_without_shell(monkeypatch) -> N
 def test_real_process_seam_reports_failures() -> None:
     rc, dummy, err = execute_argv(["/bin/sh", "-c", "echo oops >&2; exit 3"])
     assert rc == 3 and err == "oops\n"
+
+
+def test_a_killed_qemu_img_is_reported_as_such() -> None:
+    module = Replay([(-9, "", "")])
+    with pytest.raises(QemuImgError, match="qemu-img was killed by signal 9"):
+        QemuImg(module).commit("/v/top.qcow2", drop_top=True)
