@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+# Copyright (c) 2026, vmsnap.qemu contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Benchmark: qcow2_chain committed/flattened on a 1 GiB chain against raw qemu-img commit/convert.
+
+Each round builds identical chains (1 GiB base with 768 MiB of data, overlay rewriting 512 MiB of it) and
+runs, in the same run: the module's committed, flattened (with and without verify), a `command: true`
+task (Ansible's fixed cost per task), and raw `qemu-img commit -d` / `qemu-img convert -O qcow2` + rename
+on their own copies. Prints a Markdown table for docs/performance.md. Not a test: it asserts nothing.
+
+Usage (from the repo root, after `make deps copy`):  make bench   [BENCH_ROUNDS=3]
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROUNDS = int(os.environ.get("BENCH_CHAIN_ROUNDS", os.environ.get("BENCH_ROUNDS", "3")))
+CASES = ["module-commit", "raw-commit", "module-flatten", "module-flatten-noverify", "raw-flatten", "raw-flatten-sync"]
+SYNC_TASK = {"name": "sync", "ansible.builtin.command": {"argv": ["sync"]}, "changed_when": False}
+
+
+def run(argv: list[str]) -> None:
+    subprocess.run(argv, check=True, capture_output=True)
+
+
+def make_chain(folder: Path, name: str) -> tuple[str, str]:
+    base, top = folder / f"{name}-base.qcow2", folder / f"{name}-top.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1G"])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xaa 0 768M", str(base)])
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top)])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xbb 256M 512M", str(top)])
+    return str(base), str(top)
+
+
+def timed(argv_list: list[list[str]]) -> float:
+    started = time.perf_counter()
+    for argv in argv_list:
+        run(argv)
+    return time.perf_counter() - started
+
+
+def main() -> int:
+    bin_dir = Path(sys.executable).parent
+    work = Path(tempfile.mkdtemp(prefix="vmsnap-chain-bench-", dir=os.environ.get("BENCH_DIR")))
+    samples: dict[str, list[float]] = {case: [] for case in CASES + ["command-true"]}
+    try:
+        for rnd in range(ROUNDS):
+            chains = {case: make_chain(work, f"{case}-{rnd}") for case in CASES}
+            tasks = [
+                {"name": f"command-true-{rnd}", "ansible.builtin.command": {"argv": ["true"]}, "changed_when": False}
+            ]
+            tasks.append(
+                {
+                    "name": "module-commit",
+                    "vmsnap.qemu.qcow2_chain": {"path": chains["module-commit"][1], "state": "committed"},
+                }
+            )
+            tasks.append(
+                {
+                    "name": "module-flatten",
+                    "vmsnap.qemu.qcow2_chain": {"path": chains["module-flatten"][1], "state": "flattened"},
+                }
+            )
+            tasks.append(SYNC_TASK)
+            tasks.append(
+                {
+                    "name": "module-flatten-noverify",
+                    "vmsnap.qemu.qcow2_chain": {
+                        "path": chains["module-flatten-noverify"][1],
+                        "state": "flattened",
+                        "verify": False,
+                    },
+                }
+            )
+            book = work / f"bench-{rnd}.yml"
+            play = {"hosts": "localhost", "connection": "local", "gather_facts": False,
+                    "vars": {"ansible_python_interpreter": sys.executable}, "tasks": tasks}  # fmt: skip
+            book.write_text(json.dumps([play]))
+            timings = work / f"timings-{rnd}.jsonl"
+            env = dict(
+                os.environ,
+                ANSIBLE_CALLBACK_PLUGINS=str(HERE / "callback_plugins"),
+                ANSIBLE_CALLBACKS_ENABLED="task_timer",
+                VMSNAP_BENCH_TIMINGS=str(timings),
+            )
+            subprocess.run(
+                [str(bin_dir / "ansible-playbook"), "-i", "localhost,", str(book)],
+                check=True,
+                env=env,
+                stdout=subprocess.DEVNULL,
+            )
+            for row in map(json.loads, timings.read_text().splitlines()):
+                if not row["ok"]:
+                    print(f"task {row['task']} failed", file=sys.stderr)
+                    return 1
+                if row["task"] != "sync":
+                    key = "command-true" if row["task"].startswith("command-true") else row["task"]
+                    samples[key].append(row["seconds"])
+            run(["sync"])
+            base, top = chains["raw-commit"]
+            samples["raw-commit"].append(timed([["qemu-img", "commit", "-q", "-d", top], ["rm", "-f", top]]))
+            run(["sync"])
+            base, top = chains["raw-flatten"]
+            samples["raw-flatten"].append(
+                timed([["qemu-img", "convert", "-q", "-O", "qcow2", top, top + ".new"], ["mv", top + ".new", top]])
+            )
+            run(["sync"])
+            base, top = chains["raw-flatten-sync"]
+            convert = ["qemu-img", "convert", "-q", "-O", "qcow2", top, top + ".new"]
+            samples["raw-flatten-sync"].append(timed([convert, ["sync", top + ".new"], ["mv", top + ".new", top]]))
+            for path in work.glob(f"*-{rnd}-*"):
+                path.unlink()
+        med = {case: statistics.median(values) for case, values in samples.items()}
+        fixed = med["command-true"]
+        print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {ROUNDS} rounds, medians")
+        print()
+        print("| operation | task wall time | minus `command: true` | raw qemu-img | ratio (minus fixed cost) |")
+        print("|---|---|---|---|---|")
+        for case, raw in (
+            ("module-commit", "raw-commit"),
+            ("module-flatten", "raw-flatten"),
+            ("module-flatten", "raw-flatten-sync"),
+            ("module-flatten-noverify", "raw-flatten"),
+            ("module-flatten-noverify", "raw-flatten-sync"),
+        ):
+            work_time = med[case] - fixed
+            print(
+                f"| {case} vs {raw} | {med[case] * 1000:.0f} ms | {work_time * 1000:.0f} ms | {med[raw] * 1000:.0f} ms "
+                f"| **{work_time / med[raw]:.2f}x** ({med[case] / med[raw]:.2f}x whole task) |"
+            )
+        print(f"| `command: true` task | {fixed * 1000:.0f} ms | | | |")
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
