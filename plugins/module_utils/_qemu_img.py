@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import typing as t
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,9 @@ Execute = t.Callable[[t.List[str]], t.Tuple[int, str, str]]
 
 # qemu-img processes on different images are independent; more than a few only queue up.
 MAX_PARALLEL = max(2, min(8, os.cpu_count() or 1))
+
+
+_LOCKED_IMAGE = re.compile(r"Is another process using the image \[(.*)\]\?")
 
 
 def is_lock_error(stderr: str) -> bool:
@@ -202,7 +206,8 @@ class QemuImg:
     def _error(self, cmd: list[str], rc: int, out: str, err: str) -> QemuImgError:
         detail = (err or out).strip()
         if is_lock_error(err):
-            path = cmd[-1]
+            named = _LOCKED_IMAGE.search(err)
+            path = named.group(1) if named else cmd[-1]
             return ImageInUseError(
                 f"Image {path} is in use by another process (a running QEMU holds its lock): {detail}. "
                 + LIVE_SNAPSHOT_HINT,

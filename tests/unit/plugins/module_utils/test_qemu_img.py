@@ -142,3 +142,11 @@ def test_a_killed_qemu_img_is_reported_as_such() -> None:
     module = Replay([(-9, "", "")])
     with pytest.raises(QemuImgError, match="qemu-img was killed by signal 9"):
         QemuImg(module).commit("/v/top.qcow2", drop_top=True)
+
+
+def test_the_locked_image_named_by_qemu_img_is_the_one_reported(recorded) -> None:
+    # qemu-img create -b BACKING fails on the backing file's lock, not on the new overlay (the last argument).
+    module = Replay([(1, "", recorded.text("stderr-snapshot-create-locked.txt"))])
+    with pytest.raises(ImageInUseError) as info:
+        QemuImg(module).create_overlay("/v/new.qcow2", "/tmp/q/run2.qcow2", "qcow2", "20G")
+    assert info.value.msg.startswith("Image /tmp/q/run2.qcow2 is in use")
