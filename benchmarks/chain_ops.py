@@ -15,7 +15,6 @@ Usage (from the repo root, after `make deps copy`):  make bench   [BENCH_ROUNDS=
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import shutil
 import statistics
@@ -24,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _timing import timed_play
 
 HERE = Path(__file__).resolve().parent
 ROUNDS = int(os.environ.get("BENCH_CHAIN_ROUNDS", os.environ.get("BENCH_ROUNDS", "3")))
@@ -52,7 +53,6 @@ def timed(argv_list: list[list[str]]) -> float:
 
 
 def main() -> int:
-    bin_dir = Path(sys.executable).parent
     work = Path(tempfile.mkdtemp(prefix="vmsnap-chain-bench-", dir=os.environ.get("BENCH_DIR")))
     samples: dict[str, list[float]] = {case: [] for case in CASES + ["command-true"]}
     try:
@@ -61,50 +61,14 @@ def main() -> int:
             tasks = [
                 {"name": f"command-true-{rnd}", "ansible.builtin.command": {"argv": ["true"]}, "changed_when": False}
             ]
-            tasks.append(
-                {
-                    "name": "module-commit",
-                    "vmsnap.qemu.qcow2_chain": {"path": chains["module-commit"][1], "state": "committed"},
-                }
-            )
-            tasks.append(
-                {
-                    "name": "module-flatten",
-                    "vmsnap.qemu.qcow2_chain": {"path": chains["module-flatten"][1], "state": "flattened"},
-                }
-            )
-            tasks.append(SYNC_TASK)
-            tasks.append(
-                {
-                    "name": "module-flatten-noverify",
-                    "vmsnap.qemu.qcow2_chain": {
-                        "path": chains["module-flatten-noverify"][1],
-                        "state": "flattened",
-                        "verify": False,
-                    },
-                }
-            )
-            book = work / f"bench-{rnd}.yml"
-            play = {"hosts": "localhost", "connection": "local", "gather_facts": False,
-                    "vars": {"ansible_python_interpreter": sys.executable}, "tasks": tasks}  # fmt: skip
-            book.write_text(json.dumps([play]))
-            timings = work / f"timings-{rnd}.jsonl"
-            env = dict(
-                os.environ,
-                ANSIBLE_CALLBACK_PLUGINS=str(HERE / "callback_plugins"),
-                ANSIBLE_CALLBACKS_ENABLED="task_timer",
-                VMSNAP_BENCH_TIMINGS=str(timings),
-            )
-            subprocess.run(
-                [str(bin_dir / "ansible-playbook"), "-i", "localhost,", str(book)],
-                check=True,
-                env=env,
-                stdout=subprocess.DEVNULL,
-            )
-            for row in map(json.loads, timings.read_text().splitlines()):
-                if not row["ok"]:
-                    print(f"task {row['task']} failed", file=sys.stderr)
-                    return 1
+            for case, extra in (
+                ("module-commit", {"state": "committed"}),
+                ("module-flatten", {"state": "flattened"}),
+                ("module-flatten-noverify", {"state": "flattened", "verify": False}),
+            ):
+                tasks.append(SYNC_TASK)
+                tasks.append({"name": case, "vmsnap.qemu.qcow2_chain": dict(path=chains[case][1], **extra)})
+            for row in timed_play(tasks, work, f"bench-{rnd}"):
                 if row["task"] != "sync":
                     key = "command-true" if row["task"].startswith("command-true") else row["task"]
                     samples[key].append(row["seconds"])

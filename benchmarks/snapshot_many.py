@@ -13,7 +13,6 @@ Usage (from the repo root, after `make deps copy`):  make bench   [BENCH_ROUNDS=
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import shutil
@@ -22,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from _timing import timed_play
 
 HERE = Path(__file__).resolve().parent
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "7"))
@@ -42,6 +43,7 @@ def make_images(folder: Path, count: int, prefix: str) -> list[str]:
 
 
 def playbook(single: str, many: list[str], looped: list[str]) -> list[dict]:
+    """The tasks of the timed play, round by round."""
     tasks: list[dict] = []
     for rnd in range(ROUNDS):
         tasks += [
@@ -56,16 +58,7 @@ def playbook(single: str, many: list[str], looped: list[str]) -> list[dict]:
             "loop": looped,
         }
     )
-    return [
-        {
-            "name": "qcow2_snapshot benchmark",
-            "hosts": "localhost",
-            "connection": "local",
-            "gather_facts": False,
-            "vars": {"ansible_python_interpreter": sys.executable},
-            "tasks": tasks,
-        }
-    ]
+    return tasks
 
 
 def raw_loop_seconds(paths: list[str], name: str) -> float:
@@ -95,29 +88,9 @@ def main() -> int:
         looped = make_images(work, IMAGES, "looped")
         raw = make_images(work, IMAGES, "raw")
         jobs = max(2, min(8, os.cpu_count() or 1))  # what the module uses (_qemu_img.MAX_PARALLEL)
-        book = work / "bench.yml"
-        book.write_text(json.dumps(playbook(single, many, looped)))
-        timings = work / "timings.jsonl"
-        env = dict(
-            os.environ,
-            ANSIBLE_CALLBACK_PLUGINS=str(HERE / "callback_plugins"),
-            ANSIBLE_CALLBACKS_ENABLED="task_timer",
-            VMSNAP_BENCH_TIMINGS=str(timings),
-        )
-        # The raw loop runs between playbook rounds would interleave better, but one playbook keeps the
-        # controller warm exactly as a real play does; the raw loop runs right after it, same images size.
-        subprocess.run(
-            [str(bin_dir / "ansible-playbook"), "-i", "localhost,", str(book)],
-            check=True,
-            env=env,
-            stdout=subprocess.DEVNULL,
-        )
+        rows = timed_play(playbook(single, many, looped), work, "bench")
         raw_runs = [raw_loop_seconds(raw, f"raw-{rnd}") for rnd in range(ROUNDS)]
         raw_parallel_runs = [raw_parallel_seconds(raw, f"raw-parallel-{rnd}", jobs) for rnd in range(ROUNDS)]
-        rows = [json.loads(line) for line in timings.read_text().splitlines()]
-        if not all(row["ok"] for row in rows):
-            print("some benchmark tasks failed", file=sys.stderr)
-            return 1
 
         def median(prefix: str) -> float:
             return statistics.median(row["seconds"] for row in rows if row["task"].startswith(prefix))

@@ -16,9 +16,9 @@ import time
 import typing as t
 from dataclasses import dataclass, field
 
-from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import ImageInUseError, ValidationError, VmsnapError
+from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import ValidationError, VmsnapError
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qcow2_native import QCOW2_MAGIC, read_qcow2_layer
-from ansible_collections.vmsnap.qemu.plugins.module_utils._qemu_img import LIVE_SNAPSHOT_HINT
+from ansible_collections.vmsnap.qemu.plugins.module_utils._qemu_img import refuse_if_in_use
 
 if t.TYPE_CHECKING:
     from ansible_collections.vmsnap.qemu.plugins.module_utils._image import ImageInfo
@@ -151,7 +151,7 @@ def _plan_absent(qemu_img: QemuImg, request: ChainRequest, plan: ChainPlan) -> N
     if plan.info is None:
         return
     _require_overlay(plan, request.backing)
-    _require_not_in_use(plan.info, plan.path)
+    refuse_if_in_use(plan.info, plan.path)
     plan.dependants = find_dependants(qemu_img, plan.path, request.search_dirs)
     if plan.dependants:
         raise ValidationError(
@@ -171,9 +171,9 @@ def _plan_committed(qemu_img: QemuImg, request: ChainRequest, plan: ChainPlan) -
         plan.chain_after = _names(qemu_img.info(request.backing, backing_chain=True))
         return
     backing = _require_overlay(plan, request.backing)
-    _require_not_in_use(plan.info, plan.path)
+    refuse_if_in_use(plan.info, plan.path)
     backing_info = qemu_img.info(backing, backing_chain=True)
-    _require_not_in_use(backing_info, backing)
+    refuse_if_in_use(backing_info, backing)
     if plan.info.top.snapshots and not request.keep:
         raise ValidationError(
             f"{plan.path} holds internal snapshots ({', '.join(s.name for s in plan.info.top.snapshots)}) that "
@@ -197,7 +197,7 @@ def _plan_flattened(qemu_img: QemuImg, request: ChainRequest, plan: ChainPlan) -
     info = _require_existing(plan)
     if info.top.backing_file is None:
         return
-    _require_not_in_use(info, plan.path)
+    refuse_if_in_use(info, plan.path)
     if info.top.snapshots:
         raise ValidationError(
             f"{plan.path} holds internal snapshots ({', '.join(s.name for s in info.top.snapshots)}); flattening "
@@ -212,7 +212,7 @@ def _plan_rebased(qemu_img: QemuImg, request: ChainRequest, plan: ChainPlan) -> 
     current = info.top.full_backing_file
     if current is not None and real(current) == real(backing):
         return
-    _require_not_in_use(info, plan.path)
+    refuse_if_in_use(info, plan.path)
     backing_info = _read_backing(qemu_img, plan.path, backing, request.max_depth)
     plan.action, plan.backing, plan.backing_format = "rebase", backing, backing_info.top.format
     plan.chain_after = [plan.path] + _names(backing_info)
@@ -241,15 +241,6 @@ def _require_overlay(plan: ChainPlan, backing: str | None) -> str:
     if backing is not None and real(current) != real(backing):
         raise ValidationError(f"{plan.path} is an overlay on {current}, not on {backing}.")
     return current
-
-
-def _require_not_in_use(info: ImageInfo, path: str) -> None:
-    if info.in_use:
-        raise ImageInUseError(
-            f"Image {path} is in use by a running QEMU (its locks forbid writing it); qemu-img must not change it. "
-            f"{LIVE_SNAPSHOT_HINT}",
-            image_path=path,
-        )
 
 
 def _read_backing(qemu_img: QemuImg, path: str, backing: str, max_depth: int) -> ImageInfo:

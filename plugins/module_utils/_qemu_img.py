@@ -45,6 +45,16 @@ MAX_PARALLEL = max(2, min(8, os.cpu_count() or 1))
 _LOCKED_IMAGE = re.compile(r"Is another process using the image \[(.*)\]\?")
 
 
+def refuse_if_in_use(info: ImageInfo, path: str) -> None:
+    """Raise before any write when QEMU's locks say a running VM writes the image or forbids writers."""
+    if info.in_use:
+        raise ImageInUseError(
+            f"Image {path} is in use by a running QEMU (its image locks forbid writing it); qemu-img must not "
+            f"change it. {LIVE_SNAPSHOT_HINT}",
+            image_path=path,
+        )
+
+
 def is_lock_error(stderr: str) -> bool:
     return any(marker in stderr for marker in _WRITE_LOCK_MARKERS)
 

@@ -16,13 +16,12 @@ import typing as t
 from dataclasses import dataclass, field
 
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import (
-    ImageInUseError,
     InsufficientSpaceError,
     ValidationError,
     VmsnapError,
 )
 from ansible_collections.vmsnap.qemu.plugins.module_utils._image import ImageInfo, Snapshot, metadata_update_reserve
-from ansible_collections.vmsnap.qemu.plugins.module_utils._qemu_img import LIVE_SNAPSHOT_HINT
+from ansible_collections.vmsnap.qemu.plugins.module_utils._qemu_img import refuse_if_in_use
 
 if t.TYPE_CHECKING:
     from ansible_collections.vmsnap.qemu.plugins.module_utils._qemu_img import QemuImg
@@ -116,12 +115,7 @@ def _require_qcow2(path: str, info: ImageInfo) -> None:
 
 
 def _require_writable(path: str, info: ImageInfo) -> None:
-    if info.in_use:
-        raise ImageInUseError(
-            f"Image {path} is in use by a running QEMU (it holds the image's write lock); qemu-img must not "
-            f"change it. {LIVE_SNAPSHOT_HINT}",
-            image_path=path,
-        )
+    refuse_if_in_use(info, path)
     if info.top.corrupt:
         raise ValidationError(
             f"Image {path} is marked corrupt by QEMU; refusing to change it. Inspect it with "
