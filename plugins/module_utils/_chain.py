@@ -297,7 +297,8 @@ def flatten(qemu_img: QemuImg, plan: ChainPlan, compress: bool, verify: bool) ->
 
     Until the rename, path and its chain are untouched; after it, path is the complete new image.
     """
-    temp = flatten_temp_path(plan.path)
+    target = real(plan.path)  # replace the image itself, not a symlink pointing to it
+    temp = flatten_temp_path(target)
     info = t.cast("ImageInfo", plan.info)
     _remove_if_present(temp)
     try:
@@ -307,14 +308,14 @@ def flatten(qemu_img: QemuImg, plan: ChainPlan, compress: bool, verify: bool) ->
                 f"The flattened copy of {plan.path} does not read the same as the chain; "
                 f"{plan.path} was left as it was."
             )
-        original = os.stat(plan.path)
+        original = os.stat(target)
         os.chmod(temp, original.st_mode & 0o7777)
         if os.geteuid() == 0:
             os.chown(temp, original.st_uid, original.st_gid)
         _fsync(temp)
         size = os.stat(temp).st_blocks * 512
-        os.replace(temp, plan.path)
-        _fsync(os.path.dirname(plan.path))
+        os.replace(temp, target)
+        _fsync(os.path.dirname(target))
         return size
     except BaseException:
         _remove_if_present(temp)
