@@ -126,10 +126,6 @@ class QemuImg:
                 "",
             ) from None
 
-    def info_many(self, paths: list[str], backing_chain: bool = True) -> list[ImageInfo]:
-        """info() for several images at once, in parallel; the first failure is raised."""
-        return self.map_parallel(lambda path: self.info(path, backing_chain=backing_chain), paths)
-
     def read_top(self, path: str) -> ImageInfo:
         """The image's own snapshots and bitmaps (no chain): read directly when it is a plain qcow2 image
         that no process holds, else through qemu-img info. Same model either way."""
