@@ -1,0 +1,242 @@
+# Copyright (c) 2026, vmsnap.qemu contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+# Note that this module util is **PRIVATE** to the collection. It can have breaking changes at any time.
+# Do not use this from other collections or standalone plugins/modules!
+
+"""A small synchronous QMP client (standard library only) with a job helper.
+
+Timeouts are kept apart: connect_timeout bounds reaching the socket and the greeting, command_timeout
+bounds waiting for one reply, and each job wait has its own timeout. A job that outlives its timeout is
+reported as still running, never as done.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import socket
+import stat
+import time
+import typing as t
+
+from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import VmsnapError
+
+_JOB_POLL_SECONDS = 0.5
+
+
+class QmpError(VmsnapError):
+    """QEMU answered a command with an error."""
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        super().__init__(
+            f"QMP {command} failed: {desc} ({error_class})", qmp_command=command, qmp_error_class=error_class
+        )
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
+class QmpConnectionError(VmsnapError):
+    """The socket cannot be reached, or QEMU closed it."""
+
+
+class QmpTimeoutError(VmsnapError):
+    """No answer in time. For a job: it is still running."""
+
+
+class QmpJobError(VmsnapError):
+    """A job concluded with an error of its own."""
+
+
+class QmpClient:
+    def __init__(self, path: str, connect_timeout: float = 5.0, command_timeout: float = 30.0) -> None:
+        self.path = path
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.events: collections.deque[dict[str, t.Any]] = collections.deque()
+        self.greeting: dict[str, t.Any] = {}
+        self._sock: socket.socket | None = None
+        self._buffer = b""
+        self._next_id = 0
+
+    def __enter__(self) -> QmpClient:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc_info: t.Any) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        _require_socket(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.connect_timeout)
+        try:
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            raise QmpConnectionError(
+                f"Cannot connect to the QMP socket {self.path}: {exc.strerror or exc}. Is its QEMU still running?",
+                socket=self.path,
+            ) from None
+        self._sock = sock
+        deadline = time.monotonic() + self.connect_timeout
+        greeting = self._read_message(deadline, waiting_for="the QMP greeting")
+        if "QMP" not in greeting:
+            self.close()
+            raise QmpConnectionError(f"{self.path} did not greet like a QMP monitor: {greeting!r}", socket=self.path)
+        self.greeting = greeting["QMP"]
+        self.execute("qmp_capabilities", timeout=self.connect_timeout)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    @property
+    def version(self) -> tuple[int, int, int]:
+        qemu = self.greeting.get("version", {}).get("qemu", {})
+        return (int(qemu.get("major", 0)), int(qemu.get("minor", 0)), int(qemu.get("micro", 0)))
+
+    def execute(self, command: str, arguments: dict[str, t.Any] | None = None, timeout: float | None = None) -> t.Any:
+        """Send one command and return its 'return' value; events that arrive meanwhile are kept in self.events."""
+        self._next_id += 1
+        message_id = f"vmsnap-{self._next_id}"
+        message: dict[str, t.Any] = {"execute": command, "id": message_id}
+        if arguments is not None:
+            message["arguments"] = arguments
+        self._send(message, command)
+        deadline = time.monotonic() + (self.command_timeout if timeout is None else timeout)
+        while True:
+            reply = self._read_message(deadline, waiting_for=f"the reply to {command}")
+            if "event" in reply:
+                self.events.append(reply)
+                continue
+            if reply.get("id") != message_id:
+                continue  # a late reply to an earlier command that timed out
+            if "error" in reply:
+                error = reply["error"]
+                raise QmpError(command, str(error.get("class", "GenericError")), str(error.get("desc", "")))
+            return reply.get("return")
+
+    def wait_event(self, matches: t.Callable[[dict[str, t.Any]], bool], timeout: float) -> dict[str, t.Any] | None:
+        """The first kept or new event that matches, or None when none came within timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in list(self.events):
+                if matches(event):
+                    self.events.remove(event)
+                    return event
+            if time.monotonic() >= deadline:
+                return None
+            try:
+                message = self._read_message(deadline, waiting_for="an event")
+            except QmpTimeoutError:
+                return None
+            if "event" in message:
+                self.events.append(message)
+
+    def wait_job(self, job_id: str, statuses: t.Collection[str], timeout: float) -> str:
+        """Wait until the job reaches one of statuses (JOB_STATUS_CHANGE events, query-jobs as fallback).
+
+        Returns the status reached; 'null' when the job is gone (dismissed). Raises QmpTimeoutError otherwise.
+        """
+        deadline = time.monotonic() + timeout
+        wanted = set(statuses)
+        while True:
+            status = self._job_status(job_id)
+            if status in wanted or status == "null":
+                return status
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise QmpTimeoutError(
+                    f"QMP job {job_id} is still running (status {status}) after {timeout:g} s; it was not cancelled "
+                    "and has not finished. Check it with query-jobs before doing anything else with this VM.",
+                    job_id=job_id,
+                    job_status=status,
+                )
+            self.wait_event(
+                lambda event: event.get("event") == "JOB_STATUS_CHANGE" and event.get("data", {}).get("id") == job_id,
+                min(remaining, _JOB_POLL_SECONDS),
+            )
+
+    def run_job(
+        self, command: str, arguments: dict[str, t.Any], timeout: float, job_id_key: str = "job-id"
+    ) -> dict[str, t.Any]:
+        """Start a job that needs manual dismissal, wait for it to conclude, dismiss it, raise its own error."""
+        job_id = str(arguments[job_id_key])
+        self.execute(command, arguments)
+        self.wait_job(job_id, ("concluded",), timeout)
+        job = self.query_job(job_id) or {}
+        if job.get("status") == "concluded":
+            self.execute("job-dismiss", {"id": job_id})
+        if job.get("error"):
+            raise QmpJobError(f"QMP job {job_id} ({command}) failed: {job['error']}", job_id=job_id)
+        return job
+
+    def query_job(self, job_id: str) -> dict[str, t.Any] | None:
+        for job in self.execute("query-jobs") or []:
+            if job.get("id") == job_id:
+                return job
+        return None
+
+    def _job_status(self, job_id: str) -> str:
+        job = self.query_job(job_id)
+        return "null" if job is None else str(job.get("status"))
+
+    def _send(self, message: dict[str, t.Any], command: str) -> None:
+        if self._sock is None:
+            raise QmpConnectionError(f"Not connected to {self.path}.", socket=self.path)
+        try:
+            self._sock.sendall(json.dumps(message).encode("utf-8") + b"\n")
+        except OSError as exc:
+            raise QmpConnectionError(
+                f"Lost the QMP connection to {self.path} while sending {command}: {exc.strerror or exc}.",
+                socket=self.path,
+            ) from None
+
+    def _read_message(self, deadline: float, waiting_for: str) -> dict[str, t.Any]:
+        """One JSON line; buffers until a newline, because replies can be large."""
+        sock = self._sock
+        if sock is None:
+            raise QmpConnectionError(f"Not connected to {self.path}.", socket=self.path)
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise QmpTimeoutError(f"{self.path}: no answer while waiting for {waiting_for}.", socket=self.path)
+            sock.settimeout(remaining)
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError as exc:
+                raise QmpConnectionError(
+                    f"Lost the QMP connection to {self.path} while waiting for {waiting_for}: {exc.strerror or exc}.",
+                    socket=self.path,
+                ) from None
+            if not chunk:
+                raise QmpConnectionError(
+                    f"QEMU closed the QMP connection {self.path} while we waited for {waiting_for}.", socket=self.path
+                )
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        try:
+            message = json.loads(line.decode("utf-8"))
+        except ValueError:
+            raise QmpConnectionError(f"{self.path} sent something that is not QMP JSON: {line[:200]!r}") from None
+        if not isinstance(message, dict):
+            raise QmpConnectionError(f"{self.path} sent something that is not a QMP message: {line[:200]!r}")
+        return message
+
+
+def _require_socket(path: str) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise QmpConnectionError(f"QMP socket {path} does not exist.", socket=path) from None
+    except OSError as exc:
+        raise QmpConnectionError(f"QMP socket {path} cannot be read: {exc.strerror}.", socket=path) from None
+    if not stat.S_ISSOCK(mode):
+        raise QmpConnectionError(f"{path} is not a socket; give the path of the VM's QMP socket.", socket=path)
