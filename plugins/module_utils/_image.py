@@ -137,12 +137,13 @@ def parse_layer(doc: dict[str, t.Any]) -> Layer:
         backing_format=doc.get("backing-filename-format"),
         dirty=bool(doc.get("dirty-flag", False)),
         corrupt=bool(specific_data.get("corrupt", False)),
-        snapshots=tuple(_parse_snapshot(snap) for snap in doc.get("snapshots") or []),
+        snapshots=tuple(parse_snapshot(snap) for snap in doc.get("snapshots") or []),
         bitmaps=tuple(_parse_bitmap(bitmap) for bitmap in specific_data.get("bitmaps") or []),
     )
 
 
-def _parse_snapshot(doc: dict[str, t.Any]) -> Snapshot:
+def parse_snapshot(doc: dict[str, t.Any]) -> Snapshot:
+    """One snapshot as qemu-img info and QMP query-block describe it."""
     return Snapshot(
         id=str(doc["id"]),
         name=str(doc["name"]),
