@@ -19,18 +19,19 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import Validat
 MAX_SNAPSHOT_NAME_BYTES = 255
 
 
-def validate_image_path(path: str, must_exist: bool = True) -> str:
-    """Refuse anything that qemu-img could read as something else than a local file."""
+def validate_image_path(path: str, must_exist: bool = True, what: str = "Image") -> str:
+    """Refuse anything that qemu-img could read as something else than a local file.
+
+    what names the kind of path in messages ("Image", "Socket", "Folder"); must_exist=False checks only the form.
+    """
     if not isinstance(path, str) or not path:
-        raise ValidationError("Image path must be a non-empty string.")
+        raise ValidationError(f"{what} path must be a non-empty string.")
     if path.startswith("json:"):
-        raise ValidationError(
-            f"Image path {path!r} is a QEMU 'json:' pseudo-path; give the absolute path of the image file."
-        )
+        raise ValidationError(f"{what} path {path!r} is a QEMU 'json:' pseudo-path; give an absolute path.")
     if any(_is_control(ch) for ch in path):
-        raise ValidationError(f"Image path {path!r} contains a newline or another control character.")
+        raise ValidationError(f"{what} path {path!r} contains a newline or another control character.")
     if not os.path.isabs(path):
-        raise ValidationError(f"Image path {path!r} is relative; give an absolute path.")
+        raise ValidationError(f"{what} path {path!r} is relative; give an absolute path.")
     if not must_exist:
         return path
     try:

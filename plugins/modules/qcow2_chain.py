@@ -234,8 +234,10 @@ def main() -> t.NoReturn:
         path = validate_image_path(params["path"], must_exist=False)
         backing = params["backing"]
         if backing is not None:
-            validate_image_path(backing, must_exist=False)
-        search_dirs = [validate_image_path(folder, must_exist=False) for folder in params["search_dirs"] or []]
+            validate_image_path(backing, must_exist=False, what="Backing")
+        search_dirs = [
+            validate_image_path(folder, must_exist=False, what="Folder") for folder in params["search_dirs"] or []
+        ]
         request = ChainRequest(
             path=path,
             state=params["state"],

@@ -235,7 +235,9 @@ def main() -> t.NoReturn:
         if module.params["check"]:
             image["check"] = qemu_img.check(path, force_share=info.in_use)
         if module.params["search_dirs"] is not None:
-            folders = [validate_image_path(folder, must_exist=False) for folder in module.params["search_dirs"]]
+            folders = [
+                validate_image_path(folder, must_exist=False, what="Folder") for folder in module.params["search_dirs"]
+            ]
             image["dependants"] = find_dependants(qemu_img, path, folders)
     except VmsnapError as exc:
         exc.do_fail(module)

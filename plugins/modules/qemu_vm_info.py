@@ -174,10 +174,12 @@ def main() -> t.NoReturn:
     vms = []
     try:
         if module.params["socket"] is not None:
-            path = validate_image_path(module.params["socket"], must_exist=False)
+            path = validate_image_path(module.params["socket"], must_exist=False, what="Socket")
             vms.append(_read(path, timeout))
         else:
-            for path in sorted(glob.glob(validate_image_path(module.params["sockets_glob"], must_exist=False))):
+            for path in sorted(
+                glob.glob(validate_image_path(module.params["sockets_glob"], must_exist=False, what="Socket glob"))
+            ):
                 try:
                     vms.append(_read(path, timeout))
                 except VmsnapError as exc:
