@@ -28,21 +28,19 @@ C_LOCALE = {"LANG": "C", "LC_ALL": "C", "LC_MESSAGES": "C"}
 # Printed by QEMU's file-posix locking when another process holds a conflicting lock.
 _WRITE_LOCK_MARKERS = ('Failed to get "write" lock', 'Failed to get shared "write" lock')
 
+_LOCKED_IMAGE = re.compile(r"Is another process using the image \[(.*)\]\?")
+
 LIVE_SNAPSHOT_HINT = (
     "Take snapshots of a running VM through its QMP socket with vmsnap.qemu.qmp_live_snapshot, "
     "or shut the VM down first."
 )
 
+# qemu-img processes on different images are independent; more than a few only queue up.
+MAX_PARALLEL = max(2, min(8, os.cpu_count() or 1))
 
 T = t.TypeVar("T")
 R = t.TypeVar("R")
 Execute = t.Callable[[t.List[str]], t.Tuple[int, str, str]]
-
-# qemu-img processes on different images are independent; more than a few only queue up.
-MAX_PARALLEL = max(2, min(8, os.cpu_count() or 1))
-
-
-_LOCKED_IMAGE = re.compile(r"Is another process using the image \[(.*)\]\?")
 
 
 def refuse_if_in_use(info: ImageInfo, path: str) -> None:
