@@ -181,7 +181,7 @@ def _download(debs_dir: Path, packages: t.Sequence[str], files: t.Sequence[tuple
     for name, sha in files:
         if not verified(name, sha):
             raise GuestError(f"{debs_dir / name} is missing or has the wrong SHA256 after apt-get download")
-    return [debs_dir / name for name, _ in files]
+    return [debs_dir / name for name, dummy in files]
 
 
 def _loader_deps(staging: Path, binary: Path) -> list[Path]:
@@ -469,7 +469,7 @@ class GuestVM:
                 raise GuestError(f"QEMU never connected to {self.ctl_socket}\n{self._diagnostics()}")
             self._listener.settimeout(0.5)
             try:
-                self._ctl, _ = self._listener.accept()
+                self._ctl, dummy = self._listener.accept()
             except socket.timeout:
                 continue
         m = self._read_until(re.compile(re.escape(READY_MARKER)), deadline)
@@ -523,7 +523,7 @@ class GuestVM:
     def _qga_recv_line(self, deadline: float) -> bytes:
         while b"\n" not in self._qga_buf:
             self._qga_fill(deadline)
-        line, _, self._qga_buf = self._qga_buf.partition(b"\n")
+        line, dummy, self._qga_buf = self._qga_buf.partition(b"\n")
         return line
 
     def _qga_sync(self, timeout: float) -> None:
