@@ -92,7 +92,7 @@ class ChainPlan:
 
     @property
     def chain_before(self) -> list[str]:
-        return [layer.filename for layer in self.info.chain] if self.info else []
+        return _names(self.info)
 
 
 @dataclass
@@ -261,7 +261,7 @@ def _read_backing(qemu_img: QemuImg, path: str, backing: str, max_depth: int) ->
 
 
 def _names(info: ImageInfo | None) -> list[str]:
-    return [layer.filename for layer in info.chain] if info else []
+    return info.filenames() if info else []
 
 
 @dataclass

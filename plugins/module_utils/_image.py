@@ -91,6 +91,10 @@ class ImageInfo:
     def snapshots(self) -> tuple[Snapshot, ...]:
         return self.top.snapshots
 
+    def filenames(self) -> list[str]:
+        """The chain's files, top first."""
+        return [layer.filename for layer in self.chain]
+
     def snapshots_named(self, name: str) -> list[Snapshot]:
         return [snap for snap in self.top.snapshots if snap.name == name]
 

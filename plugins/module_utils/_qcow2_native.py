@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import struct
 import typing as t
 from dataclasses import dataclass, replace
@@ -104,13 +105,12 @@ def read_qcow2_layer(path: str) -> Layer | None:
     """The image's own header, snapshots and bitmaps, or None when qemu-img should be asked instead."""
     try:
         with open(path, "rb") as image:
-            size = os.fstat(image.fileno()).st_size or _block_device_size(image)
-            layer = _parse(image, path, size)
             st = os.fstat(image.fileno())
+            layer = _parse(image, path, st.st_size or _block_device_size(image))
     except (OSError, ValueError, struct.error, UnicodeDecodeError, _Unsupported):
         return None
     # Like qemu-img's "actual-size" for files: the space allocated on the host.
-    return replace(layer, actual_size=st.st_blocks * 512 if os.path.isfile(path) else None)
+    return replace(layer, actual_size=st.st_blocks * 512 if stat.S_ISREG(st.st_mode) else None)
 
 
 def _block_device_size(image: t.BinaryIO) -> int:

@@ -285,7 +285,7 @@ def _read_chain(qemu_img: QemuImg, path: str, backing: str | None) -> list[str]:
     top = path if os.path.exists(path) else backing
     if top is None or not os.path.exists(top):
         return []
-    return [layer.filename for layer in qemu_img.info(top, backing_chain=True).chain]
+    return qemu_img.info(top, backing_chain=True).filenames()
 
 
 if __name__ == "__main__":
