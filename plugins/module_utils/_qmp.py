@@ -52,6 +52,8 @@ class QmpJobError(VmsnapError):
 
 
 class QmpClient:
+    kind = "QMP socket"
+
     def __init__(self, path: str, connect_timeout: float = 5.0, command_timeout: float = 30.0) -> None:
         self.path = path
         self.connect_timeout = connect_timeout
@@ -70,18 +72,7 @@ class QmpClient:
         self.close()
 
     def connect(self) -> None:
-        _require_socket(self.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.connect_timeout)
-        try:
-            sock.connect(self.path)
-        except OSError as exc:
-            sock.close()
-            raise QmpConnectionError(
-                f"Cannot connect to the QMP socket {self.path}: {exc.strerror or exc}. Is its QEMU still running?",
-                socket=self.path,
-            ) from None
-        self._sock = sock
+        self._open_socket()
         deadline = time.monotonic() + self.connect_timeout
         greeting = self._read_message(deadline, waiting_for="the QMP greeting")
         if "QMP" not in greeting:
@@ -89,6 +80,21 @@ class QmpClient:
             raise QmpConnectionError(f"{self.path} did not greet like a QMP monitor: {greeting!r}", socket=self.path)
         self.greeting = greeting["QMP"]
         self.execute("qmp_capabilities", timeout=self.connect_timeout)
+
+    def _open_socket(self) -> None:
+        _require_socket(self.path, self.kind)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.connect_timeout)
+        try:
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            raise QmpConnectionError(
+                f"Cannot connect to the socket {self.path}: {exc.strerror or exc}. Is its QEMU still running?",
+                socket=self.path,
+            ) from None
+        self._sock = sock
+        self._buffer = b""
 
     def close(self) -> None:
         if self._sock is not None:
@@ -114,7 +120,7 @@ class QmpClient:
             if "event" in reply:
                 self.events.append(reply)
                 continue
-            if reply.get("id") != message_id:
+            if reply.get("id", message_id) != message_id:
                 continue  # a late reply to an earlier command that timed out
             if "error" in reply:
                 error = reply["error"]
@@ -163,18 +169,48 @@ class QmpClient:
             )
 
     def run_job(
-        self, command: str, arguments: dict[str, t.Any], timeout: float, job_id_key: str = "job-id"
+        self,
+        command: str,
+        arguments: dict[str, t.Any],
+        timeout: float,
+        job_id_key: str = "job-id",
+        complete_when_ready: bool = False,
     ) -> dict[str, t.Any]:
-        """Start a job that needs manual dismissal, wait for it to conclude, dismiss it, raise its own error."""
+        """Start a job that needs manual dismissal, wait for it to conclude, dismiss it, raise its own error.
+
+        complete_when_ready: the job stops in 'ready' (an active block-commit or a mirror) until job-complete.
+        """
         job_id = str(arguments[job_id_key])
+        deadline = time.monotonic() + timeout
         self.execute(command, arguments)
-        self.wait_job(job_id, ("concluded",), timeout)
+        if complete_when_ready:
+            status = self.wait_job(job_id, ("ready", "concluded"), timeout)
+            if status == "ready":
+                self.execute("job-complete", {"id": job_id})
+        self.wait_job(job_id, ("concluded",), max(deadline - time.monotonic(), 0.0))
         job = self.query_job(job_id) or {}
         if job.get("status") == "concluded":
             self.execute("job-dismiss", {"id": job_id})
         if job.get("error"):
             raise QmpJobError(f"QMP job {job_id} ({command}) failed: {job['error']}", job_id=job_id)
         return job
+
+    def poll_events(self) -> None:
+        """Keep the events QEMU has already sent (reading without waiting)."""
+        while True:
+            try:
+                message = self._read_message(time.monotonic(), waiting_for="events", wait=False)
+            except QmpTimeoutError:
+                return
+            if "event" in message:
+                self.events.append(message)
+
+    def take_events(self, names: t.Collection[str]) -> list[dict[str, t.Any]]:
+        """Remove and return the kept events with these names, oldest first."""
+        taken = [event for event in self.events if event.get("event") in names]
+        for event in taken:
+            self.events.remove(event)
+        return taken
 
     def query_job(self, job_id: str) -> dict[str, t.Any] | None:
         for job in self.execute("query-jobs") or []:
@@ -187,40 +223,51 @@ class QmpClient:
         return "null" if job is None else str(job.get("status"))
 
     def _send(self, message: dict[str, t.Any], command: str) -> None:
+        self._send_raw(json.dumps(message).encode("utf-8") + b"\n", command)
+
+    def _send_raw(self, data: bytes, command: str) -> None:
         if self._sock is None:
             raise QmpConnectionError(f"Not connected to {self.path}.", socket=self.path)
         try:
-            self._sock.sendall(json.dumps(message).encode("utf-8") + b"\n")
+            self._sock.sendall(data)
         except OSError as exc:
             raise QmpConnectionError(
-                f"Lost the QMP connection to {self.path} while sending {command}: {exc.strerror or exc}.",
+                f"Lost the connection to {self.path} while sending {command}: {exc.strerror or exc}.",
                 socket=self.path,
             ) from None
 
-    def _read_message(self, deadline: float, waiting_for: str) -> dict[str, t.Any]:
-        """One JSON line; buffers until a newline, because replies can be large."""
+    def _fill(self, deadline: float, waiting_for: str, wait: bool = True) -> None:
+        """Read one chunk into the buffer. wait=False: only what has already arrived."""
         sock = self._sock
         if sock is None:
             raise QmpConnectionError(f"Not connected to {self.path}.", socket=self.path)
-        while b"\n" not in self._buffer:
+        while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 and wait:
                 raise QmpTimeoutError(f"{self.path}: no answer while waiting for {waiting_for}.", socket=self.path)
-            sock.settimeout(remaining)
+            sock.settimeout(remaining if wait else 0.0)
             try:
                 chunk = sock.recv(65536)
-            except socket.timeout:
+            except (socket.timeout, BlockingIOError):
+                if not wait:
+                    raise QmpTimeoutError(f"{self.path}: nothing more to read.", socket=self.path) from None
                 continue
             except OSError as exc:
                 raise QmpConnectionError(
-                    f"Lost the QMP connection to {self.path} while waiting for {waiting_for}: {exc.strerror or exc}.",
+                    f"Lost the connection to {self.path} while waiting for {waiting_for}: {exc.strerror or exc}.",
                     socket=self.path,
                 ) from None
             if not chunk:
                 raise QmpConnectionError(
-                    f"QEMU closed the QMP connection {self.path} while we waited for {waiting_for}.", socket=self.path
+                    f"QEMU closed the connection {self.path} while we waited for {waiting_for}.", socket=self.path
                 )
             self._buffer += chunk
+            return
+
+    def _read_message(self, deadline: float, waiting_for: str, wait: bool = True) -> dict[str, t.Any]:
+        """One JSON line; buffers until a newline, because replies can be large."""
+        while b"\n" not in self._buffer:
+            self._fill(deadline, waiting_for, wait)
         line, self._buffer = self._buffer.split(b"\n", 1)
         try:
             message = json.loads(line.decode("utf-8"))
@@ -231,12 +278,12 @@ class QmpClient:
         return message
 
 
-def _require_socket(path: str) -> None:
+def _require_socket(path: str, kind: str) -> None:
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        raise QmpConnectionError(f"QMP socket {path} does not exist.", socket=path) from None
+        raise QmpConnectionError(f"{kind} {path} does not exist.", socket=path) from None
     except OSError as exc:
-        raise QmpConnectionError(f"QMP socket {path} cannot be read: {exc.strerror}.", socket=path) from None
+        raise QmpConnectionError(f"{kind} {path} cannot be read: {exc.strerror}.", socket=path) from None
     if not stat.S_ISSOCK(mode):
-        raise QmpConnectionError(f"{path} is not a socket; give the path of the VM's QMP socket.", socket=path)
+        raise QmpConnectionError(f"{path} is not a socket; give the path of the VM's {kind}.", socket=path)

@@ -1,0 +1,92 @@
+# Copyright (c) 2026, vmsnap.qemu contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+# Note that this module util is **PRIVATE** to the collection. It can have breaking changes at any time.
+# Do not use this from other collections or standalone plugins/modules!
+
+"""A qemu-guest-agent client (the host side of the agent's virtio-serial socket) for fs-freeze and thaw.
+
+The agent speaks QMP-style JSON without a greeting. A connection can hold stale bytes from an earlier
+client, so every session starts with guest-sync-delimited: the agent answers with a 0xFF byte before
+its JSON reply, and everything before that byte is dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import time
+
+from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import VmsnapError
+from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient, QmpTimeoutError
+
+_SYNC_ATTEMPT_SECONDS = 2.0
+
+
+class GuestAgentClient(QmpClient):
+    kind = "guest agent socket"
+
+    def connect(self) -> None:
+        self._open_socket()
+        deadline = time.monotonic() + self.connect_timeout
+        while True:
+            try:
+                self._sync(min(deadline, time.monotonic() + _SYNC_ATTEMPT_SECONDS))
+                return
+            except QmpTimeoutError:
+                if time.monotonic() >= deadline:
+                    self.close()
+                    raise QmpTimeoutError(
+                        f"The guest agent at {self.path} did not answer within {self.connect_timeout:g} s. "
+                        "Is qemu-guest-agent installed and running in the guest?",
+                        socket=self.path,
+                    ) from None
+
+    def _sync(self, deadline: float) -> None:
+        sync_id = random.randint(1, 2**31 - 1)
+        request = {"execute": "guest-sync-delimited", "arguments": {"id": sync_id}}
+        # A leading 0xFF makes the agent drop any half-parsed input from an earlier client.
+        self._send_raw(b"\xff" + json.dumps(request).encode("utf-8") + b"\n", "guest-sync-delimited")
+        while True:
+            while b"\xff" not in self._buffer:
+                self._buffer = b""
+                self._fill(deadline, "the guest agent's sync marker")
+            self._buffer = self._buffer[self._buffer.rindex(b"\xff") + 1 :]
+            reply = self._read_message(deadline, waiting_for="the guest agent's sync reply")
+            if reply.get("return") == sync_id:
+                return
+
+
+class GuestFreezer:
+    """fs-freeze and thaw through a connected guest agent."""
+
+    def __init__(self, agent: GuestAgentClient, timeout: float) -> None:
+        self.agent = agent
+        self.timeout = timeout
+
+    def probe(self) -> None:
+        """Fail now, before any snapshot, when the agent cannot freeze or the guest is already frozen."""
+        status = self.agent.execute("guest-fsfreeze-status", timeout=self.timeout)
+        if status != "thawed":
+            raise GuestAgentError(
+                f"The guest's file systems are already {status} (someone else froze them); not freezing again.",
+                guest_fsfreeze_status=status,
+            )
+
+    def freeze(self) -> int:
+        try:
+            return int(self.agent.execute("guest-fsfreeze-freeze", timeout=self.timeout))
+        except VmsnapError as exc:
+            # A freeze that failed half-way can leave some file systems frozen.
+            with contextlib.suppress(VmsnapError):
+                self.agent.execute("guest-fsfreeze-thaw", timeout=self.timeout)
+            raise GuestAgentError(f"The guest agent could not freeze the file systems: {exc.msg}") from None
+
+    def thaw(self) -> int:
+        return int(self.agent.execute("guest-fsfreeze-thaw", timeout=self.timeout))
+
+
+class GuestAgentError(VmsnapError):
+    """The guest agent answered, but could not do what quiesce needs."""

@@ -1,0 +1,672 @@
+# Copyright (c) 2026, vmsnap.qemu contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+# Note that this module util is **PRIVATE** to the collection. It can have breaking changes at any time.
+# Do not use this from other collections or standalone plugins/modules!
+
+"""Live snapshots of a running VM over QMP: plan from what the VM reports, then act.
+
+plan_live() is pure: it takes describe_vm()'s view of the VM and decides, per chosen disk, what to do.
+execute_live() does it with one QMP client (and the guest agent for quiesce).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import time
+import typing as t
+from dataclasses import dataclass, field
+
+from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import ValidationError, VmsnapError
+from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient, QmpError
+
+SNAPSHOT_JOBS_SINCE = (6, 0, 0)
+MAX_FILE_NAME_BYTES = 255
+# QEMU leaves these statuses only when someone acts; a snapshot now would capture or hide a broken state.
+UNSAFE_VM_STATUSES = ("restore-vm", "inmigrate", "internal-error", "io-error", "guest-panicked", "shutdown")
+
+
+class LiveSnapshotError(VmsnapError):
+    """A QMP step of a live snapshot failed; details say what was done before."""
+
+
+@dataclass(frozen=True)
+class LiveRequest:
+    name: str
+    mode: str = "internal"
+    state: str = "present"
+    devices: tuple[str, ...] | None = None
+    vmstate: bool = True
+    overlay_dir: str | None = None
+    quiesce: str = "off"
+    guest_agent_socket: str | None = None
+    timeout: float = 300.0
+
+    @property
+    def with_vmstate(self) -> bool:
+        return self.mode == "internal" and self.vmstate
+
+
+@dataclass
+class DevicePlan:
+    """One chosen disk: what the VM reports for it and what this task does to it."""
+
+    label: str  # how the task names the disk: as given in devices, else its drive id or node name
+    disk: dict[str, t.Any]
+    has_snapshot: bool
+    action: str = "none"  # create | delete | revert | merge | none
+    overlay: str | None = None  # external: the overlay file of this snapshot
+    overlay_index: int | None = None  # external: the overlay's position in the chain (0 = active layer)
+
+    @property
+    def node_name(self) -> str:
+        return str(self.disk["node_name"])
+
+    def result(self) -> dict[str, t.Any]:
+        return {
+            "name": self.label,
+            "device": self.disk.get("device"),
+            "node_name": self.disk.get("node_name"),
+            "file": self.disk.get("file"),
+            "action": self.action,
+            "changed": self.action != "none",
+            "overlay": self.overlay,
+        }
+
+
+@dataclass
+class LivePlan:
+    request: LiveRequest
+    devices: list[DevicePlan]
+    vm_running: bool
+    vmstate_node: str | None = None
+    quiesce: bool = False  # freeze the guest file systems around the snapshot
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return any(device.action != "none" for device in self.devices)
+
+    def acting(self) -> list[DevicePlan]:
+        return [device for device in self.devices if device.action != "none"]
+
+    def diff(self) -> dict[str, dict[str, t.Any]]:
+        before = {device.label: _view(self.request, device, after=False) for device in self.devices}
+        after = {device.label: _view(self.request, device, after=True) for device in self.devices}
+        return {"before": before, "after": after}
+
+
+def disk_label(disk: dict[str, t.Any]) -> str:
+    return str(disk.get("device") or disk.get("node_name") or disk.get("qdev"))
+
+
+OVERLAY_MARK = ".vmsnap-"
+
+
+def disk_stem(disk_file: str) -> str:
+    """A disk's file name without .qcow2 and without the marks of vmsnap overlays stacked on it."""
+    stem = os.path.basename(disk_file)
+    if stem.endswith(".qcow2"):
+        stem = stem[: -len(".qcow2")]
+    return stem.split(OVERLAY_MARK, 1)[0]
+
+
+def overlay_path(disk_file: str, name: str, overlay_dir: str | None) -> str:
+    """<dir>/<disk stem>.vmsnap-<name>.qcow2, beside the disk's active file unless overlay_dir is set.
+
+    The stem comes from the disk, not from the overlays on it, so names stay short and an overlay is still
+    recognised after the overlays below it were merged away.
+    """
+    folder = overlay_dir or os.path.dirname(disk_file)
+    return os.path.join(folder, f"{disk_stem(disk_file)}{OVERLAY_MARK}{name}.qcow2")
+
+
+def overlay_node_name(path: str) -> str:
+    """QEMU needs a node name for the new overlay: deterministic, at most 31 characters."""
+    return "vmsnap-" + hashlib.sha256(path.encode("utf-8")).hexdigest()[:20]
+
+
+def find_overlay(chain: list[dict[str, t.Any]], name: str) -> int | None:
+    """Index (0 = active layer) of the layer that is this snapshot's overlay, matched by file name."""
+    for index in range(len(chain) - 1):
+        expected = os.path.basename(overlay_path(chain[index + 1]["filename"], name, None))
+        if os.path.basename(chain[index]["filename"]) == expected:
+            return index
+    return None
+
+
+def choose_disks(
+    block_devices: list[dict[str, t.Any]], wanted: tuple[str, ...] | None, nodes: list[dict[str, t.Any]] | None = None
+) -> list[tuple[str, dict[str, t.Any]]]:
+    """(label, disk) for the disks named by drive id, qdev id or node name; by default every writable disk.
+
+    A node name also finds its disk after an external snapshot put an overlay (a new active node) on top of it.
+    """
+    if wanted is None:
+        chosen = [disk for disk in block_devices if disk["writable"]]
+        if not chosen:
+            raise ValidationError("The VM has no writable disk to snapshot.", vm_disks=_inventory(block_devices))
+        return [(disk_label(disk), disk) for disk in chosen]
+    if not wanted:
+        raise ValidationError("devices must name at least one disk; leave it out to choose every writable disk.")
+    picked: list[tuple[str, dict[str, t.Any]]] = []
+    for name in wanted:
+        matches = [disk for disk in block_devices if name in _names_of(disk, nodes or [])]
+        if not matches:
+            raise ValidationError(
+                f"Device {name!r} is not a disk of this VM. Its disks: {_inventory(block_devices)}.",
+                device=name,
+            )
+        if any(matches[0] is disk for dummy, disk in picked):
+            raise ValidationError(f"devices names the disk {disk_label(matches[0])} more than once.", device=name)
+        picked.append((name, matches[0]))
+    return picked
+
+
+def _names_of(disk: dict[str, t.Any], nodes: list[dict[str, t.Any]]) -> set[t.Any]:
+    layers = {(layer["filename"], layer["format"]) for layer in disk["chain"]}
+    chain_nodes = {node.get("node-name") for node in nodes if (node.get("file"), node.get("drv")) in layers}
+    return {disk.get("device"), disk.get("node_name"), disk.get("qdev")} | chain_nodes
+
+
+def _inventory(block_devices: list[dict[str, t.Any]]) -> str:
+    return (
+        ", ".join(
+            f"{disk_label(disk)} (node {disk['node_name']}, {disk['format']}, "
+            f"{'writable' if disk['writable'] else 'read-only'}, {disk['file']})"
+            for disk in block_devices
+        )
+        or "none"
+    )
+
+
+def plan_live(
+    request: LiveRequest,
+    vm: dict[str, t.Any],
+    version: tuple[int, int, int],
+    nodes: list[dict[str, t.Any]] | None = None,
+) -> LivePlan:
+    """Decide per disk. vm is describe_vm()'s result, nodes query-named-block-nodes'. Touches nothing."""
+    status = vm.get("status")
+    if status in UNSAFE_VM_STATUSES and request.state != "absent":
+        raise ValidationError(
+            f"The VM is in status {status!r}; refusing to snapshot or revert it in that state. "
+            "Find out why (a failed snapshot load leaves 'restore-vm') before you go on.",
+            vm_status=status,
+        )
+    _refuse_running_vmsnap_jobs(vm.get("jobs") or [])
+    disks = choose_disks(vm["block_devices"], request.devices, nodes)
+    if request.state != "absent":
+        for label, disk in disks:
+            if not disk["writable"]:
+                raise ValidationError(f"Disk {label} is read-only in the VM; there is nothing to snapshot.")
+    plan = LivePlan(request=request, devices=[], vm_running=bool(vm.get("running")))
+    if request.mode == "internal":
+        _plan_internal(plan, disks, version)
+    else:
+        _plan_external(plan, disks)
+    _plan_quiesce(plan)
+    return plan
+
+
+def _refuse_running_vmsnap_jobs(jobs: list[dict[str, t.Any]]) -> None:
+    for job in jobs:
+        if str(job.get("id", "")).startswith("vmsnap-") and job.get("status") not in ("concluded", "null"):
+            raise ValidationError(
+                f"An earlier vmsnap job {job['id']} ({job.get('type')}) is still {job.get('status')} in this VM; "
+                "wait for it to finish (or cancel it with job-cancel) before starting another.",
+                job_id=job["id"],
+            )
+
+
+def _require_snapshot_jobs(version: tuple[int, int, int], what: str) -> None:
+    if version < SNAPSHOT_JOBS_SINCE:
+        raise ValidationError(
+            f"{what} needs QMP snapshot-save/snapshot-load, which QEMU has since 6.0; this VM runs QEMU "
+            f"{'.'.join(map(str, version))}. Use vmstate=false (disk-only) or mode=external, or stop the VM and "
+            "use vmsnap.qemu.qcow2_snapshot. HMP savevm is deliberately not used."
+        )
+
+
+def _plan_internal(plan: LivePlan, disks: list[tuple[str, dict[str, t.Any]]], version: tuple[int, int, int]) -> None:
+    request = plan.request
+    if request.state != "absent":
+        for label, disk in disks:
+            if disk["format"] != "qcow2":
+                raise ValidationError(
+                    f"Disk {label} ({disk['file']}) is {disk['format']}; internal snapshots need qcow2. "
+                    "Leave it out with devices (it will then not be part of the checkpoint), or use mode=external.",
+                    device=label,
+                )
+    plan.devices = [
+        DevicePlan(label, disk, has_snapshot=any(snap["name"] == request.name for snap in disk["snapshots"]))
+        for label, disk in disks
+    ]
+    if request.state == "present":
+        if _consistent(plan):
+            return
+        if request.vmstate:
+            _require_snapshot_jobs(version, "An internal snapshot with vmstate")
+            plan.vmstate_node = plan.devices[0].node_name
+        for device in plan.devices:
+            device.action = "create"
+    elif request.state == "absent":
+        for device in plan.devices:
+            if device.has_snapshot:
+                device.action = "delete"
+    else:
+        _plan_internal_revert(plan, version)
+
+
+def _plan_internal_revert(plan: LivePlan, version: tuple[int, int, int]) -> None:
+    request = plan.request
+    if not request.vmstate:
+        raise ValidationError(
+            "A disk-only internal snapshot cannot be reverted in a running VM: QEMU only loads snapshots "
+            "together with their RAM state. Stop the VM and revert its disks with vmsnap.qemu.qcow2_snapshot "
+            "state=reverted."
+        )
+    _require_snapshot_jobs(version, "Reverting a running VM")
+    missing = [device.label for device in plan.devices if not device.has_snapshot]
+    if missing:
+        raise ValidationError(
+            f"Snapshot {request.name!r} does not exist on {', '.join(missing)}; nothing was reverted. "
+            "(QEMU would leave the VM paused in 'restore-vm' after such a failed load.)",
+            missing_on=missing,
+        )
+    holders = []
+    for device in plan.devices:
+        named = [snap for snap in device.disk["snapshots"] if snap["name"] == request.name]
+        if len(named) > 1:
+            raise ValidationError(
+                f"Disk {device.label} has {len(named)} snapshots named {request.name!r} "
+                f"(IDs {', '.join(snap['id'] for snap in named)}); refusing to guess which one to load."
+            )
+        if named[0]["vm_state_size"] > 0:
+            holders.append(device.node_name)
+    if not holders:
+        raise ValidationError(
+            f"Snapshot {request.name!r} holds no RAM state (it is disk-only), so it cannot be loaded into a "
+            "running VM. Stop the VM and revert its disks with vmsnap.qemu.qcow2_snapshot state=reverted."
+        )
+    for device in plan.devices:
+        bitmaps = [bitmap["name"] for bitmap in device.disk.get("bitmaps") or []]
+        if bitmaps:
+            raise ValidationError(
+                f"Disk {device.label} has dirty bitmaps ({', '.join(bitmaps)}); QEMU refuses to revert an internal "
+                "snapshot while a disk has dirty bitmaps ('Device has active dirty bitmaps'). Remove them with "
+                "block-dirty-bitmap-remove first (the next incremental backup then needs a new full backup).",
+                device=device.label,
+                bitmaps=bitmaps,
+            )
+    plan.vmstate_node = holders[0]
+    for device in plan.devices:
+        device.action = "revert"
+
+
+def _plan_external(plan: LivePlan, disks: list[tuple[str, dict[str, t.Any]]]) -> None:
+    request = plan.request
+    if request.state == "reverted":
+        raise ValidationError(
+            "External snapshots cannot be reverted in a running VM: discarding the overlays needs the VM stopped. "
+            "Stop it, then use vmsnap.qemu.qcow2_chain state=absent on the overlays (the rollback role does this)."
+        )
+    if "/" in request.name or request.name in (".", ".."):
+        raise ValidationError(
+            f"Snapshot name {request.name!r} becomes part of the overlay file name; it must not contain '/' "
+            "or be '.' or '..'."
+        )
+    for label, disk in disks:
+        index = find_overlay(disk["chain"], request.name)
+        device = DevicePlan(label, disk, has_snapshot=index is not None, overlay_index=index)
+        if index is not None:
+            device.overlay = disk["chain"][index]["filename"]
+        plan.devices.append(device)
+    if request.state == "present":
+        if _consistent(plan):
+            return
+        for device in plan.devices:
+            device.overlay = overlay_path(device.disk["file"], request.name, request.overlay_dir)
+            _check_new_overlay(device)
+            device.action = "create"
+    else:
+        for device in plan.devices:
+            if device.has_snapshot:
+                device.action = "merge"
+
+
+def _check_new_overlay(device: DevicePlan) -> None:
+    overlay = t.cast(str, device.overlay)
+    if len(os.path.basename(overlay).encode("utf-8")) > MAX_FILE_NAME_BYTES:
+        raise ValidationError(
+            f"The overlay file name for {device.label} would be longer than {MAX_FILE_NAME_BYTES} bytes: {overlay}. "
+            "Use a shorter snapshot name."
+        )
+    if os.path.lexists(overlay):
+        raise ValidationError(
+            f"The overlay file {overlay} for {device.label} already exists but is not part of that disk's chain; "
+            "refusing to overwrite it. Move it away or use another snapshot name or overlay_dir.",
+            overlay=overlay,
+        )
+    folder = os.path.dirname(overlay)
+    if not os.path.isdir(folder):
+        raise ValidationError(f"The overlay folder {folder} does not exist.", overlay=overlay)
+
+
+def _consistent(plan: LivePlan) -> bool:
+    """True when the snapshot exists on every chosen disk; raises when it exists on only some."""
+    have = [device.label for device in plan.devices if device.has_snapshot]
+    if not have:
+        return False
+    if len(have) == len(plan.devices):
+        return True
+    lacking = [device.label for device in plan.devices if not device.has_snapshot]
+    raise ValidationError(
+        f"Snapshot {plan.request.name!r} exists on {', '.join(have)} but not on {', '.join(lacking)}: the "
+        "checkpoint is inconsistent. Remove it with state=absent and take it again, or choose devices.",
+        present_on=have,
+        missing_on=lacking,
+    )
+
+
+def _plan_quiesce(plan: LivePlan) -> None:
+    request = plan.request
+    if request.quiesce == "off" or request.state != "present" or not plan.changed:
+        return
+    if request.with_vmstate:
+        problem = (
+            "quiesce does not apply to internal snapshots with vmstate: the frozen file systems would be saved "
+            "in the RAM state, and a revert would bring back a frozen guest. The RAM state is consistent as it is."
+        )
+        if request.quiesce == "required":
+            raise ValidationError(problem)
+        plan.warnings.append(problem + " Not quiescing.")
+        return
+    if not request.guest_agent_socket:
+        if request.quiesce == "required":
+            raise ValidationError("quiesce=required needs guest_agent_socket (the VM's qemu-guest-agent socket).")
+        plan.warnings.append("quiesce=best_effort without guest_agent_socket: the snapshot is crash-consistent.")
+        return
+    plan.quiesce = True
+
+
+# --- execution ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LiveOutcome:
+    downtime_ms: float = 0.0
+    elapsed_ms: float = 0.0
+    frozen: bool = False
+    frozen_filesystems: int | None = None
+    frozen_ms: float | None = None
+    deleted_overlays: list[str] = field(default_factory=list)
+
+
+class Freezer(t.Protocol):
+    def freeze(self) -> int: ...
+
+    def thaw(self) -> int: ...
+
+
+def execute_live(qmp: QmpClient, plan: LivePlan, freezer: Freezer | None) -> LiveOutcome:
+    """Act on the plan. freezer is a connected guest agent when the plan quiesces (already probed)."""
+    outcome = LiveOutcome()
+    request = plan.request
+    qmp.poll_events()
+    qmp.take_events(("STOP", "RESUME"))
+    started = time.monotonic()
+    try:
+        if request.state == "present":
+            with _quiesced(plan, freezer, outcome):
+                _create(qmp, plan)
+        elif request.state == "absent":
+            _remove(qmp, plan, outcome)
+        else:
+            _revert(qmp, plan)
+    finally:
+        outcome.elapsed_ms = round((time.monotonic() - started) * 1000, 3)
+        with contextlib.suppress(VmsnapError):
+            qmp.poll_events()
+        outcome.downtime_ms = pause_ms(qmp.take_events(("STOP", "RESUME")))
+    return outcome
+
+
+@contextlib.contextmanager
+def _quiesced(plan: LivePlan, freezer: Freezer | None, outcome: LiveOutcome) -> t.Iterator[None]:
+    """Freeze the guest file systems around the snapshot; always thaw, and never hide a failed thaw."""
+    if not plan.quiesce or freezer is None:
+        yield
+        return
+    outcome.frozen_filesystems = freezer.freeze()
+    outcome.frozen = True
+    frozen_at = time.monotonic()
+    try:
+        yield
+    except VmsnapError as exc:
+        thaw_problem = _thaw(freezer, outcome, frozen_at)
+        if thaw_problem:
+            exc.msg += f" Thawing the guest file systems failed as well: {thaw_problem}"
+        raise
+    thaw_problem = _thaw(freezer, outcome, frozen_at)
+    if thaw_problem:
+        raise LiveSnapshotError(
+            f"The snapshot was taken, but thawing the guest file systems failed: {thaw_problem}. The guest may "
+            "still be frozen; thaw it with guest-fsfreeze-thaw.",
+            snapshot_taken=True,
+        )
+
+
+def _thaw(freezer: Freezer, outcome: LiveOutcome, frozen_at: float) -> str | None:
+    try:
+        freezer.thaw()
+    except VmsnapError as exc:
+        return exc.msg
+    finally:
+        outcome.frozen_ms = round((time.monotonic() - frozen_at) * 1000, 3)
+    return None
+
+
+def _job_id(action: str) -> str:
+    return f"vmsnap-{action}-{os.getpid()}-{time.monotonic_ns() % 1_000_000}"
+
+
+def _create(qmp: QmpClient, plan: LivePlan) -> None:
+    request = plan.request
+    devices = plan.acting()
+    if request.mode == "internal" and request.vmstate:
+        qmp.run_job(
+            "snapshot-save",
+            {
+                "job-id": _job_id("save"),
+                "tag": request.name,
+                "vmstate": plan.vmstate_node,
+                "devices": [device.node_name for device in devices],
+            },
+            request.timeout,
+        )
+        return
+    if request.mode == "internal":
+        actions = [
+            {"type": "blockdev-snapshot-internal-sync", "data": {"device": device.node_name, "name": request.name}}
+            for device in devices
+        ]
+        qmp.execute("transaction", {"actions": actions}, timeout=request.timeout)
+        return
+    actions = [
+        {
+            "type": "blockdev-snapshot-sync",
+            "data": {
+                "node-name": device.node_name,
+                "snapshot-file": device.overlay,
+                "snapshot-node-name": overlay_node_name(t.cast(str, device.overlay)),
+                "format": "qcow2",
+                "mode": "absolute-paths",
+            },
+        }
+        for device in devices
+    ]
+    try:
+        qmp.execute("transaction", {"actions": actions}, timeout=request.timeout)
+    except QmpError as exc:
+        left = _remove_new_overlays(devices)
+        raise LiveSnapshotError(
+            f"QEMU refused the external snapshot: {exc.desc}. The transaction is all-or-nothing, so no disk got an "
+            f"overlay; {len(left)} overlay file(s) QEMU had already created were removed.",
+            removed_overlays=left,
+        ) from None
+
+
+def _remove_new_overlays(devices: list[DevicePlan]) -> list[str]:
+    """Overlay files a failed transaction created (the plan checked that none existed before)."""
+    removed = []
+    for device in devices:
+        if device.overlay and os.path.lexists(device.overlay):
+            os.unlink(device.overlay)
+            removed.append(device.overlay)
+    return removed
+
+
+def _remove(qmp: QmpClient, plan: LivePlan, outcome: LiveOutcome) -> None:
+    request = plan.request
+    devices = plan.acting()
+    if request.mode == "internal":
+        if qmp.version >= SNAPSHOT_JOBS_SINCE:
+            qmp.run_job(
+                "snapshot-delete",
+                {"job-id": _job_id("delete"), "tag": request.name, "devices": [d.node_name for d in devices]},
+                request.timeout,
+            )
+        else:
+            for device in devices:
+                qmp.execute(
+                    "blockdev-snapshot-delete-internal-sync",
+                    {"device": device.node_name, "name": request.name},
+                    timeout=request.timeout,
+                )
+        return
+    merged: list[str] = []
+    for device in devices:
+        overlay = t.cast(str, device.overlay)
+        try:
+            _merge_overlay(qmp, device, request.timeout)
+            merged.append(device.label)
+            if overlay in _open_files(qmp):
+                raise LiveSnapshotError(
+                    f"The overlay {overlay} was merged into its backing file, but QEMU still has it open; "
+                    "it was not deleted."
+                )
+        except VmsnapError as exc:
+            exc.details.setdefault("merged_on", merged)
+            exc.details.setdefault("deleted_overlays", outcome.deleted_overlays)
+            raise
+        os.unlink(overlay)
+        outcome.deleted_overlays.append(overlay)
+
+
+def _merge_overlay(qmp: QmpClient, device: DevicePlan, timeout: float) -> None:
+    """block-commit the overlay into the layer below it; an active commit is completed when it is ready."""
+    chain = device.disk["chain"]
+    index = t.cast(int, device.overlay_index)
+    nodes = qmp.execute("query-named-block-nodes") or []
+    top_node = _format_node(nodes, chain[index])
+    base_node = _format_node(nodes, chain[index + 1])
+    qmp.run_job(
+        "block-commit",
+        {
+            "job-id": _job_id("commit"),
+            "device": device.node_name,
+            "top-node": top_node,
+            "base-node": base_node,
+            "auto-dismiss": False,
+        },
+        timeout,
+        complete_when_ready=index == 0,
+    )
+
+
+def _format_node(nodes: list[dict[str, t.Any]], layer: dict[str, t.Any]) -> str:
+    matches = [
+        node["node-name"]
+        for node in nodes
+        if node.get("file") == layer["filename"] and node.get("drv") == layer["format"]
+    ]
+    if len(matches) != 1:
+        raise LiveSnapshotError(
+            f"Cannot tell which QEMU block node is {layer['filename']} ({len(matches)} candidates); "
+            "nothing was merged.",
+            image_path=layer["filename"],
+        )
+    return str(matches[0])
+
+
+def _open_files(qmp: QmpClient) -> set[str]:
+    return {str(node.get("file")) for node in qmp.execute("query-named-block-nodes") or []}
+
+
+def _revert(qmp: QmpClient, plan: LivePlan) -> None:
+    request = plan.request
+    try:
+        qmp.run_job(
+            "snapshot-load",
+            {
+                "job-id": _job_id("load"),
+                "tag": request.name,
+                "vmstate": plan.vmstate_node,
+                "devices": [device.node_name for device in plan.acting()],
+            },
+            request.timeout,
+        )
+    except VmsnapError as exc:
+        status = _status_or_none(qmp)
+        if plan.vm_running and status is not None and status.get("status") != "running":
+            exc.msg += (
+                f" QEMU left the VM paused (status {status.get('status')!r}); its disks may already be partly "
+                "reverted, so do not simply resume it: revert again, or stop it and restore offline."
+            )
+        exc.details["vm_status"] = (status or {}).get("status")
+        raise
+
+
+def _status_or_none(qmp: QmpClient) -> dict[str, t.Any] | None:
+    try:
+        return t.cast("dict[str, t.Any]", qmp.execute("query-status"))
+    except VmsnapError:
+        return None
+
+
+def pause_ms(events: list[dict[str, t.Any]]) -> float:
+    """Total time between each STOP and the RESUME after it, from QEMU's own event timestamps."""
+    total = 0.0
+    stopped_at: float | None = None
+    for event in events:
+        stamp = event.get("timestamp") or {}
+        moment = float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
+        if event.get("event") == "STOP" and stopped_at is None:
+            stopped_at = moment
+        elif event.get("event") == "RESUME" and stopped_at is not None:
+            total += moment - stopped_at
+            stopped_at = None
+    return round(total * 1000, 3)
+
+
+def _view(request: LiveRequest, device: DevicePlan, after: bool) -> list[str]:
+    """What --diff shows per disk: internal snapshot names, or the chain's files (top first)."""
+    if request.mode == "internal":
+        names = [snap["name"] for snap in device.disk["snapshots"]]
+        if not after or device.action == "none":
+            return names
+        if device.action == "create":
+            return [*names, request.name]
+        if device.action == "delete":
+            return [name for name in names if name != request.name]
+        return names
+    files = [layer["filename"] for layer in device.disk["chain"]]
+    if not after or device.action == "none":
+        return files
+    if device.action == "create":
+        return [t.cast(str, device.overlay), *files]
+    return [name for index, name in enumerate(files) if index != device.overlay_index]

@@ -1,0 +1,411 @@
+#!/usr/bin/python
+# Copyright (c) 2026, vmsnap.qemu contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: qmp_live_snapshot
+short_description: Snapshot, revert and release running QEMU VMs over their QMP socket
+version_added: 0.1.0
+description:
+  - Takes, removes and reverts snapshots of a B(running) VM through its QMP monitor socket, with QMP commands only
+    (never HMP C(savevm)), so names are passed as data, existing snapshots are never overwritten and errors come
+    back as errors.
+  - O(mode=internal) with O(vmstate=true) saves RAM, device state and every chosen disk with the
+    C(snapshot-save) job (QEMU 6.0 or later); the guest is paused while its RAM is written. O(state=reverted)
+    loads it back with C(snapshot-load), bringing back the running guest as it was.
+  - O(mode=internal) with O(vmstate=false) takes disk-only internal snapshots of all chosen disks in one
+    C(transaction) without pausing the guest. Such snapshots can only be reverted offline, with
+    M(vmsnap.qemu.qcow2_snapshot).
+  - O(mode=external) puts a new qcow2 overlay on top of every chosen disk in one C(transaction) (all disks or
+    none), without pausing the guest. O(state=absent) merges each overlay back into the layer below it while the
+    guest runs (C(block-commit), completed once ready) and then deletes the overlay file.
+  - For VMs that are shut down, use M(vmsnap.qemu.qcow2_snapshot) and M(vmsnap.qemu.qcow2_chain).
+author:
+  - vmsnap.qemu contributors (@vmsnap)
+extends_documentation_fragment:
+  - vmsnap.qemu._attributes
+attributes:
+  check_mode:
+    support: full
+    details:
+      - Check mode reads the VM over QMP and, when O(quiesce) would be used, asks the guest agent whether it can
+        freeze; it changes nothing.
+  diff_mode:
+    support: full
+    details:
+      - The diff shows, per disk, the internal snapshot names (O(mode=internal)) or the chain's files, top first
+        (O(mode=external)), before and after.
+  idempotent:
+    support: partial
+    details:
+      - O(state=reverted) always reports a change, because it always loads the snapshot.
+      - O(state=present) and O(state=absent) are idempotent.
+options:
+  socket:
+    description:
+      - Absolute path of the VM's QMP socket (C(-qmp unix:PATH,server=on,wait=off)).
+    type: path
+    required: true
+  name:
+    description:
+      - The snapshot's name. For O(mode=internal) it is the tag inside each qcow2 disk; for O(mode=external) it
+        becomes part of each overlay's file name.
+      - Must not be empty, purely numeric, longer than 255 bytes or contain control characters. Quotes and spaces
+        are fine, because names travel as QMP data. For O(mode=external) it must not contain C(/).
+    type: str
+    required: true
+  mode:
+    description:
+      - V(internal) keeps the snapshot inside each qcow2 disk; V(external) adds an overlay file per disk.
+    type: str
+    choices: [internal, external]
+    default: internal
+  state:
+    description:
+      - V(present) takes the snapshot on every chosen disk unless it is there already. If it exists on some chosen
+        disks but not on others, the task fails, because such a checkpoint is inconsistent.
+      - V(absent) removes it from every chosen disk that has it. For O(mode=external) the overlay's data is merged
+        into the layer below it, so nothing written since the snapshot is lost, and the overlay file is deleted.
+      - V(reverted) loads an internal snapshot with O(vmstate=true) back into the running VM (RAM, devices and
+        disks). Disk-only and external snapshots cannot be reverted live and fail with a pointer to the offline
+        modules.
+    type: str
+    choices: [present, absent, reverted]
+    default: present
+  devices:
+    description:
+      - The disks to cover, by drive id (C(-drive id=...)), node name (C(-blockdev node-name=...)) or qdev id.
+      - Default is every disk the VM can write to. Raw disks cannot hold internal snapshots; leave them out here
+        (they are then not part of the checkpoint) or use O(mode=external).
+      - M(vmsnap.qemu.qemu_vm_info) lists a VM's disks with these names.
+    type: list
+    elements: str
+  vmstate:
+    description:
+      - O(mode=internal) only. Also save RAM and device state (with the first chosen disk holding it), so that
+        O(state=reverted) can bring back the running guest.
+      - V(false) takes disk-only snapshots that do not pause the guest.
+    type: bool
+    default: true
+  overlay_dir:
+    description:
+      - O(mode=external) only. The folder for the new overlay files; default is the folder of each disk's current
+        active file.
+      - Overlays are named C(<disk file name without .qcow2>.vmsnap-<name>.qcow2), from the disk's own file name
+        (not from overlays stacked on it), so the same task always finds its own overlays again. An existing file
+        of that name that is not part of the disk's chain is never overwritten.
+    type: path
+  quiesce:
+    description:
+      - Freeze the guest's file systems through qemu-guest-agent right before the snapshot and thaw them right
+        after (always, also when the snapshot fails), so the disks hold clean file systems.
+      - V(required) fails before any snapshot is taken when the agent cannot freeze. V(best_effort) warns and takes
+        a crash-consistent snapshot instead.
+      - Only for O(state=present) with O(mode=external) or O(vmstate=false). With O(vmstate=true) the RAM state is
+        consistent anyway, and a frozen guest would be saved frozen, so V(required) fails and V(best_effort) warns.
+    type: str
+    choices: ['off', best_effort, required]
+    default: 'off'
+  guest_agent_socket:
+    description:
+      - Absolute path of the host side of the VM's qemu-guest-agent channel (a C(virtserialport) named
+        C(org.qemu.guest_agent.0) backed by a unix socket). Needed for O(quiesce).
+    type: path
+  timeout:
+    description:
+      - Seconds to wait for each QMP command and job (saving RAM, loading, merging an overlay, freezing).
+      - A job that is still running after this is reported as still running, never as done.
+    type: float
+    default: 300
+  connect_timeout:
+    description:
+      - Seconds to wait for the QMP socket (and the guest agent) to connect and greet.
+    type: float
+    default: 5
+notes:
+  - The module must run on the hypervisor that holds the sockets and the disk files.
+  - O(mode=external) with O(state=absent) merges one disk after the other. When a merge fails, the result lists
+    the disks already merged (RV(merged_on)).
+  - After a failed C(snapshot-load), QEMU can leave the VM paused in status C(restore-vm) with its disks partly
+    reverted. The module reports that status in the failure and does not resume the VM.
+  - Snapshots are not protected against a VM that has dirty bitmaps; QEMU refuses to revert while a disk has one,
+    and the module says so before trying.
+seealso:
+  - module: vmsnap.qemu.qemu_vm_info
+  - module: vmsnap.qemu.qcow2_snapshot
+  - module: vmsnap.qemu.qcow2_chain
+"""
+
+EXAMPLES = r"""
+- name: Checkpoint a running VM with RAM state before an upgrade
+  vmsnap.qemu.qmp_live_snapshot:
+    socket: /run/vms/web01.qmp
+    name: pre-upgrade
+
+- name: Roll the running VM back to it (RAM, devices and disks)
+  vmsnap.qemu.qmp_live_snapshot:
+    socket: /run/vms/web01.qmp
+    name: pre-upgrade
+    state: reverted
+
+- name: Release the checkpoint
+  vmsnap.qemu.qmp_live_snapshot:
+    socket: /run/vms/web01.qmp
+    name: pre-upgrade
+    state: absent
+
+- name: Overlay both disks of a database VM at once, with its file systems frozen
+  vmsnap.qemu.qmp_live_snapshot:
+    socket: /run/vms/db01.qmp
+    name: nightly
+    mode: external
+    devices: [drive-system, drive-data]
+    overlay_dir: /var/lib/vms/overlays
+    quiesce: required
+    guest_agent_socket: /run/vms/db01.qga
+  register: nightly
+
+- name: Merge the overlays back while the VM runs, and delete them
+  vmsnap.qemu.qmp_live_snapshot:
+    socket: /run/vms/db01.qmp
+    name: nightly
+    mode: external
+    state: absent
+
+- name: Disk-only internal snapshot, no guest pause (revert offline with qcow2_snapshot)
+  vmsnap.qemu.qmp_live_snapshot:
+    socket: /run/vms/ci-runner.qmp
+    name: clean-state
+    vmstate: false
+"""
+
+RETURN = r"""
+devices:
+  description: What was done (or in check mode would be done) per chosen disk.
+  returned: success
+  type: list
+  elements: dict
+  contains:
+    name:
+      description: The disk as the task names it (as given in O(devices), else its drive id or node name); the
+        diff uses this name too.
+      type: str
+      sample: drive0
+    device:
+      description: The drive id, or null for disks added with C(-blockdev).
+      type: str
+      sample: drive0
+    node_name:
+      description: The node name of the disk's active layer before the task.
+      type: str
+      sample: "#block150"
+    file:
+      description: The disk's active file before the task.
+      type: str
+      sample: /var/lib/vms/web01.qcow2
+    action:
+      description: V(create), V(delete), V(revert), V(merge) (external O(state=absent)) or V(none).
+      type: str
+      sample: create
+    changed:
+      description: Whether this disk was (or would be) changed.
+      type: bool
+      sample: true
+    overlay:
+      description: O(mode=external) only; the snapshot's overlay file.
+      type: str
+      sample: /var/lib/vms/overlays/db01-data.vmsnap-nightly.qcow2
+downtime_ms:
+  description:
+    - How long the guest was paused, in milliseconds, from the timestamps of QEMU's C(STOP) and C(RESUME) events.
+    - V(0) when QEMU did not pause the guest (external and disk-only snapshots, deletes, check mode).
+  returned: success
+  type: float
+  sample: 212.8
+elapsed_ms:
+  description: Wall time of the QMP work in milliseconds (without connecting and reading the VM).
+  returned: success
+  type: float
+  sample: 230.4
+frozen:
+  description: Whether the guest's file systems were frozen for the snapshot.
+  returned: success
+  type: bool
+  sample: false
+frozen_filesystems:
+  description: How many file systems the guest agent froze; null when not frozen.
+  returned: success
+  type: int
+  sample: 2
+frozen_ms:
+  description: How long the guest's file systems stayed frozen, in milliseconds; null when not frozen.
+  returned: success
+  type: float
+  sample: 9.7
+deleted_overlays:
+  description: O(mode=external), O(state=absent); overlay files merged and deleted.
+  returned: success
+  type: list
+  elements: str
+  sample: [/var/lib/vms/overlays/db01-data.vmsnap-nightly.qcow2]
+vm_status:
+  description: The VM's status after the task (C(running), C(paused), C(restore-vm), ...).
+  returned: always
+  type: str
+  sample: running
+merged_on:
+  description: On a failed O(state=absent) of external snapshots, the disks whose overlays were already merged.
+  returned: failure
+  type: list
+  elements: str
+  sample: [drive0]
+"""
+
+import os
+import typing as t
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import ValidationError, VmsnapError
+from ansible_collections.vmsnap.qemu.plugins.module_utils._guest_agent import GuestAgentClient, GuestFreezer
+from ansible_collections.vmsnap.qemu.plugins.module_utils._live import (
+    LiveOutcome,
+    LivePlan,
+    LiveRequest,
+    execute_live,
+    plan_live,
+)
+from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient
+from ansible_collections.vmsnap.qemu.plugins.module_utils._validate import (
+    validate_image_path,
+    validate_snapshot_name,
+)
+from ansible_collections.vmsnap.qemu.plugins.module_utils._vm import describe_vm
+
+ARGUMENT_SPEC: dict[str, t.Any] = dict(
+    socket=dict(type="path", required=True),
+    name=dict(type="str", required=True),
+    mode=dict(type="str", default="internal", choices=["internal", "external"]),
+    state=dict(type="str", default="present", choices=["present", "absent", "reverted"]),
+    devices=dict(type="list", elements="str"),
+    vmstate=dict(type="bool", default=True),
+    overlay_dir=dict(type="path"),
+    quiesce=dict(type="str", default="off", choices=["off", "best_effort", "required"]),
+    guest_agent_socket=dict(type="path"),
+    timeout=dict(type="float", default=300.0),
+    connect_timeout=dict(type="float", default=5.0),
+)
+
+
+def main() -> t.NoReturn:
+    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    params = module.params
+    result: dict[str, t.Any] = dict(changed=False, vm_status=None)
+    try:
+        request = _request(params)
+        with QmpClient(params["socket"], params["connect_timeout"], request.timeout) as qmp:
+            vm = describe_vm(qmp)
+            result["vm_status"] = vm["status"]
+            plan = plan_live(request, vm, qmp.version, qmp.execute("query-named-block-nodes"))
+            agent = _prepare_quiesce(module, plan, params["connect_timeout"])
+            for warning in plan.warnings:
+                module.warn(warning)
+            outcome = LiveOutcome()
+            if plan.changed and not module.check_mode:
+                outcome = _act(module, qmp, plan, agent)
+                result["vm_status"] = _vm_status(qmp)
+            elif agent is not None:
+                agent.close()
+    except VmsnapError as exc:
+        exc.do_fail(module, **result)
+    result.update(
+        changed=plan.changed,
+        devices=[device.result() for device in plan.devices],
+        downtime_ms=outcome.downtime_ms,
+        elapsed_ms=outcome.elapsed_ms,
+        frozen=outcome.frozen,
+        frozen_filesystems=outcome.frozen_filesystems,
+        frozen_ms=outcome.frozen_ms,
+        deleted_overlays=outcome.deleted_overlays,
+    )
+    if module._diff:
+        result["diff"] = plan.diff()
+    module.exit_json(**result)
+
+
+def _request(params: dict[str, t.Any]) -> LiveRequest:
+    validate_image_path(params["socket"], must_exist=False, what="Socket")
+    name = validate_snapshot_name(params["name"])
+    overlay_dir = params["overlay_dir"]
+    if overlay_dir is not None:
+        if params["mode"] != "external":
+            raise ValidationError("overlay_dir applies to mode=external only.")
+        validate_image_path(overlay_dir, must_exist=False, what="Overlay folder")
+        if not os.path.isdir(overlay_dir):
+            raise ValidationError(f"Overlay folder {overlay_dir} does not exist or is not a folder.")
+    if params["guest_agent_socket"] is not None:
+        validate_image_path(params["guest_agent_socket"], must_exist=False, what="Guest agent socket")
+    devices = params["devices"]
+    for timeout_name in ("timeout", "connect_timeout"):
+        if params[timeout_name] <= 0:
+            raise ValidationError(f"{timeout_name} must be a positive number of seconds.")
+    return LiveRequest(
+        name=name,
+        mode=params["mode"],
+        state=params["state"],
+        devices=tuple(devices) if devices is not None else None,
+        vmstate=params["vmstate"],
+        overlay_dir=overlay_dir,
+        quiesce=params["quiesce"],
+        guest_agent_socket=params["guest_agent_socket"],
+        timeout=params["timeout"],
+    )
+
+
+def _prepare_quiesce(module: AnsibleModule, plan: LivePlan, connect_timeout: float) -> GuestAgentClient | None:
+    """Connect to the guest agent and check that it can freeze, before anything is snapshotted."""
+    if not plan.quiesce:
+        return None
+    agent = GuestAgentClient(t.cast(str, plan.request.guest_agent_socket), connect_timeout, plan.request.timeout)
+    try:
+        agent.connect()
+        GuestFreezer(agent, plan.request.timeout).probe()
+    except VmsnapError as exc:
+        agent.close()
+        if plan.request.quiesce == "required":
+            exc.msg = f"quiesce=required, but the guest cannot be frozen; no snapshot was taken. {exc.msg}"
+            raise
+        module.warn(f"quiesce=best_effort: not freezing the guest ({exc.msg}); the snapshot is crash-consistent.")
+        plan.quiesce = False
+        return None
+    return agent
+
+
+def _act(module: AnsibleModule, qmp: QmpClient, plan: LivePlan, agent: GuestAgentClient | None) -> LiveOutcome:
+    """Execute the plan; a failure reports changed=true when something was already done."""
+    timeout = plan.request.timeout
+    try:
+        return execute_live(qmp, plan, GuestFreezer(agent, timeout) if agent is not None else None)
+    except VmsnapError as exc:
+        exc.details.setdefault("vm_status", _vm_status(qmp))
+        half_done = bool(exc.details.get("merged_on") or exc.details.get("snapshot_taken"))
+        # A failed snapshot-load may have reverted some disks already.
+        changed = half_done or plan.request.state == "reverted"
+        exc.do_fail(module, changed=changed, devices=[device.result() for device in plan.devices])
+    finally:
+        if agent is not None:
+            agent.close()
+
+
+def _vm_status(qmp: QmpClient) -> str | None:
+    try:
+        return t.cast(str, qmp.execute("query-status").get("status"))
+    except VmsnapError:
+        return None
+
+
+if __name__ == "__main__":
+    main()
