@@ -40,7 +40,8 @@ class GuestAgentClient(QmpClient):
                     self.close()
                     raise QmpTimeoutError(
                         f"The guest agent at {self.path} did not answer within {self.connect_timeout:g} s. "
-                        "Is qemu-guest-agent installed and running in the guest?",
+                        "Is qemu-guest-agent installed and running in the guest, and is no other client "
+                        "connected to that socket (QEMU serves one at a time)?",
                         socket=self.path,
                     ) from None
 

@@ -14,38 +14,11 @@ import gzip
 import os
 import subprocess
 import time
-import typing as t
 from pathlib import Path
 
 import pytest
-from tiny_guest import GuestImage, GuestVM, build_tiny_guest, make_ext4_qcow2
-
-REPO = Path(__file__).resolve().parents[2]
-BOOT_TIMEOUT = 90.0
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("VMSNAP_GUEST_CACHE") or REPO / "build" / "guest-cache")
-
-
-@pytest.fixture(scope="module")
-def guest_image() -> GuestImage:
-    return build_tiny_guest(_cache_dir())
-
-
-@pytest.fixture
-def disk(tmp_path: Path) -> Path:
-    return make_ext4_qcow2(tmp_path / "data.qcow2", size_mib=64)
-
-
-@pytest.fixture
-def vm(guest_image: GuestImage, disk: Path, tmp_path: Path) -> t.Iterator[GuestVM]:
-    work = tmp_path / "vm"
-    with GuestVM(guest_image, [disk], work) as guest:
-        guest.wait_ready(BOOT_TIMEOUT)
-        yield guest
-    # __exit__ killed QEMU by PID if a test left it running
-    assert guest.returncode is not None
+from conftest import BOOT_TIMEOUT, cache_dir
+from tiny_guest import GuestImage, GuestVM, build_tiny_guest
 
 
 def _qemu_img_check(disk: Path) -> subprocess.CompletedProcess[str]:
@@ -76,7 +49,7 @@ def test_build_is_cached_and_complete(guest_image: GuestImage) -> None:
     assert guest_image.kernel.is_file() and guest_image.kernel.stat().st_size > 5_000_000
     assert guest_image.initrd.is_file() and guest_image.initrd.stat().st_size > 1_000_000
     mtimes = (guest_image.kernel.stat().st_mtime_ns, guest_image.initrd.stat().st_mtime_ns)
-    again = build_tiny_guest(_cache_dir())
+    again = build_tiny_guest(cache_dir())
     assert again == guest_image
     assert (again.kernel.stat().st_mtime_ns, again.initrd.stat().st_mtime_ns) == mtimes  # reused, not rebuilt
     members = _newc_members(guest_image.initrd)

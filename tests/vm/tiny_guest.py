@@ -135,7 +135,11 @@ def _run(argv: t.Sequence[str | os.PathLike[str]], cwd: Path | None = None, inpu
 
 
 def _kernel_package() -> str:
-    out = _run(["apt-cache", "depends", KERNEL_METAPACKAGE]).decode()
+    try:
+        out = _run(["apt-cache", "depends", KERNEL_METAPACKAGE]).decode()
+    except GuestError:  # a fresh machine may have no package lists yet
+        _run(["apt-get", "update", "-qq"])
+        out = _run(["apt-cache", "depends", KERNEL_METAPACKAGE]).decode()
     for line in out.splitlines():
         m = re.match(r"\s*Depends:\s*(linux-image-\S+)", line)
         if m:
@@ -326,12 +330,14 @@ class GuestVM:
         *,
         qemu: str = "qemu-system-x86_64",
         extra_args: t.Sequence[str] = (),
+        memory_mib: int = 128,
     ) -> None:
         self.image = image
         self.disks = [Path(d).resolve() for d in disks]
         self.workdir = Path(workdir).resolve()
         self.qemu = qemu
         self.extra_args = list(extra_args)
+        self.memory_mib = memory_mib
         self.qmp_socket = self.workdir / "qmp.sock"
         self.qga_socket = self.workdir / "qga.sock"
         self.ctl_socket = self.workdir / "ctl.sock"
@@ -364,7 +370,7 @@ class GuestVM:
 
     def argv(self) -> list[str]:
         argv = [
-            self.qemu, "-accel", "tcg", "-cpu", "max", "-M", "q35", "-smp", "1", "-m", "128",
+            self.qemu, "-accel", "tcg", "-cpu", "max", "-M", "q35", "-smp", "1", "-m", str(self.memory_mib),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-kernel", os.fspath(self.image.kernel), "-initrd", os.fspath(self.image.initrd),
             "-append", "console=ttyS0 panic=-1 quiet",
@@ -568,3 +574,10 @@ class GuestVM:
         if "error" in reply:
             raise GuestError(f"guest agent {command} failed: {reply['error']}")
         return t.cast("dict[str, t.Any]", reply)
+
+    def agent_disconnect(self) -> None:
+        """Close this side's guest-agent connection: QEMU serves one client at a time on that socket."""
+        if self._qga is not None:
+            with contextlib.suppress(OSError):
+                self._qga.close()
+        self._qga, self._qga_buf = None, b""
