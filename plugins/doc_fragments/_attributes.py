@@ -40,12 +40,22 @@ attributes:
     support: full
 """
 
-    ACTIONGROUP_QEMU = r"""
+    ACTIONGROUP_IMAGE = r"""
 options: {}
 attributes:
   action_group:
-    description: Use C(group/vmsnap.qemu.qemu) in C(module_defaults) to set defaults for this module.
+    description: Use C(group/vmsnap.qemu.image) in C(module_defaults) to set defaults for this module.
     support: full
     membership:
-      - vmsnap.qemu.qemu
+      - vmsnap.qemu.image
+"""
+
+    ACTIONGROUP_QMP = r"""
+options: {}
+attributes:
+  action_group:
+    description: Use C(group/vmsnap.qemu.qmp) in C(module_defaults) to set defaults for this module.
+    support: full
+    membership:
+      - vmsnap.qemu.qmp
 """

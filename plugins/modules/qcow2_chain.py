@@ -18,7 +18,7 @@ author:
   - vmsnap.qemu contributors (@vmsnap)
 extends_documentation_fragment:
   - vmsnap.qemu._attributes
-  - vmsnap.qemu._attributes.ACTIONGROUP_QEMU
+  - vmsnap.qemu._attributes.ACTIONGROUP_IMAGE
   - vmsnap.qemu._image_lock
 attributes:
   check_mode:

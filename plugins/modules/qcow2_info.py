@@ -21,7 +21,7 @@ author:
 extends_documentation_fragment:
   - vmsnap.qemu._attributes
   - vmsnap.qemu._attributes.INFO_MODULE
-  - vmsnap.qemu._attributes.ACTIONGROUP_QEMU
+  - vmsnap.qemu._attributes.ACTIONGROUP_IMAGE
 options:
   path:
     description:

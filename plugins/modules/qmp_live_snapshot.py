@@ -27,6 +27,7 @@ author:
   - vmsnap.qemu contributors (@vmsnap)
 extends_documentation_fragment:
   - vmsnap.qemu._attributes
+  - vmsnap.qemu._attributes.ACTIONGROUP_QMP
 attributes:
   check_mode:
     support: full
