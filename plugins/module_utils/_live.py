@@ -100,7 +100,19 @@ class LivePlan:
 
 
 def disk_label(disk: dict[str, t.Any]) -> str:
-    return str(disk.get("device") or disk.get("node_name") or disk.get("qdev"))
+    """Drive id, else the guest device's id, else the active node name (which changes with each overlay)."""
+    return str(disk.get("device") or qdev_id(disk.get("qdev")) or disk.get("node_name") or disk.get("qdev"))
+
+
+def qdev_id(qdev: str | None) -> str | None:
+    """The id given with -device ... ,id=ID: QEMU reports /machine/peripheral/ID/virtio-backend or just ID."""
+    if not qdev:
+        return None
+    if qdev.startswith("/machine/peripheral/"):
+        return qdev.split("/")[3] or None
+    if qdev.startswith("/"):
+        return None  # an anonymous device (/machine/peripheral-anon/...)
+    return qdev
 
 
 OVERLAY_MARK = ".vmsnap-"
@@ -169,7 +181,10 @@ def choose_disks(
 def _names_of(disk: dict[str, t.Any], nodes: list[dict[str, t.Any]]) -> set[t.Any]:
     layers = {(layer["filename"], layer["format"]) for layer in disk["chain"]}
     chain_nodes = {node.get("node-name") for node in nodes if (node.get("file"), node.get("drv")) in layers}
-    return {disk.get("device"), disk.get("node_name"), disk.get("qdev")} | chain_nodes
+    return {disk.get("device"), disk.get("node_name"), disk.get("qdev"), qdev_id(disk.get("qdev"))} - {
+        None,
+        "",
+    } | chain_nodes
 
 
 def _inventory(block_devices: list[dict[str, t.Any]]) -> str:
@@ -293,7 +308,8 @@ def _plan_internal_revert(plan: LivePlan, version: tuple[int, int, int]) -> None
             "running VM. Stop the VM and revert its disks with vmsnap.qemu.qcow2_snapshot state=reverted."
         )
     for device in plan.devices:
-        bitmaps = [bitmap["name"] for bitmap in device.disk.get("bitmaps") or []]
+        # A running mirror or commit job holds an unnamed bitmap: it blocks the revert just the same.
+        bitmaps = [bitmap.get("name") or "(unnamed, of a block job)" for bitmap in device.disk.get("bitmaps") or []]
         if bitmaps:
             raise ValidationError(
                 f"Disk {device.label} has dirty bitmaps ({', '.join(bitmaps)}); QEMU refuses to revert an internal "
@@ -328,9 +344,18 @@ def _plan_external(plan: LivePlan, disks: list[tuple[str, dict[str, t.Any]]]) ->
     if request.state == "present":
         if _consistent(plan):
             return
+        claimed: dict[str, str] = {}
         for device in plan.devices:
             device.overlay = overlay_path(device.disk["file"], request.name, request.overlay_dir)
             _check_new_overlay(device)
+            if device.overlay in claimed:
+                raise ValidationError(
+                    f"Disks {claimed[device.overlay]} and {device.label} would both get the overlay file "
+                    f"{device.overlay} (their files have the same name). Leave out overlay_dir so that each overlay "
+                    "goes beside its disk, or snapshot them in separate tasks with different overlay_dir.",
+                    overlay=device.overlay,
+                )
+            claimed[device.overlay] = device.label
             device.action = "create"
     else:
         for device in plan.devices:

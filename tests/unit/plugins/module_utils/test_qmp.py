@@ -142,7 +142,10 @@ def test_a_server_that_never_answers_times_out_per_command(serve) -> None:
 
 
 def test_a_dropped_connection_is_reported(serve) -> None:
-    with QmpClient(serve(lambda m, s: None).path) as qmp, pytest.raises(QmpConnectionError, match="closed the connection"):
+    with (
+        QmpClient(serve(lambda m, s: None).path) as qmp,
+        pytest.raises(QmpConnectionError, match="closed the connection"),
+    ):
         qmp.execute("query-status")
 
 
