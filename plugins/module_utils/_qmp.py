@@ -182,7 +182,15 @@ class QmpClient:
         """
         job_id = str(arguments[job_id_key])
         deadline = time.monotonic() + timeout
-        self.execute(command, arguments)
+        try:
+            # Some jobs block the monitor until they are done (snapshot-save on QEMU 7.2), so the reply can be late.
+            self.execute(command, arguments, timeout=timeout)
+        except QmpTimeoutError:
+            raise QmpTimeoutError(
+                f"QMP job {job_id} ({command}) did not answer within {timeout:g} s; it may still be running. "
+                "Check it with query-jobs before doing anything else with this VM.",
+                job_id=job_id,
+            ) from None
         if complete_when_ready:
             status = self.wait_job(job_id, ("ready", "concluded"), timeout)
             if status == "ready":
