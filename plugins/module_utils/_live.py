@@ -471,9 +471,9 @@ def _quiesced(plan: LivePlan, freezer: Freezer | None, outcome: LiveOutcome) -> 
     frozen_at = time.monotonic()
     try:
         yield
-    except VmsnapError as exc:
+    except BaseException as exc:  # whatever went wrong, the guest must not stay frozen
         thaw_problem = _thaw(freezer, outcome, frozen_at)
-        if thaw_problem:
+        if thaw_problem and isinstance(exc, VmsnapError):
             exc.msg += f" Thawing the guest file systems failed as well: {thaw_problem}"
         raise
     thaw_problem = _thaw(freezer, outcome, frozen_at)
@@ -537,22 +537,32 @@ def _create(qmp: QmpClient, plan: LivePlan) -> None:
     try:
         qmp.execute("transaction", {"actions": actions}, timeout=request.timeout)
     except QmpError as exc:
-        left = _remove_new_overlays(devices)
-        raise LiveSnapshotError(
+        removed, problems = _remove_new_overlays(devices)
+        msg = (
             f"QEMU refused the external snapshot: {exc.desc}. The transaction is all-or-nothing, so no disk got an "
-            f"overlay; {len(left)} overlay file(s) QEMU had already created were removed.",
-            removed_overlays=left,
-        ) from None
+            f"overlay; {len(removed)} overlay file(s) QEMU had already created were removed."
+        )
+        if problems:
+            msg += f" These could not be removed; delete them by hand: {', '.join(problems)}."
+        raise LiveSnapshotError(msg, removed_overlays=removed, leftover_overlays=problems) from None
 
 
-def _remove_new_overlays(devices: list[DevicePlan]) -> list[str]:
-    """Overlay files a failed transaction created (the plan checked that none existed before)."""
-    removed = []
+def _remove_new_overlays(devices: list[DevicePlan]) -> tuple[list[str], list[str]]:
+    """Remove the overlay files a failed transaction created (the plan checked that none existed before).
+
+    Returns (removed, problems); a file that cannot be removed does not stop the others.
+    """
+    removed, problems = [], []
     for device in devices:
-        if device.overlay and os.path.lexists(device.overlay):
+        if not (device.overlay and os.path.lexists(device.overlay)):
+            continue
+        try:
             os.unlink(device.overlay)
+        except OSError as exc:
+            problems.append(f"{device.overlay} ({exc.strerror or exc})")
+        else:
             removed.append(device.overlay)
-    return removed
+    return removed, problems
 
 
 def _remove(qmp: QmpClient, plan: LivePlan, outcome: LiveOutcome) -> None:
@@ -584,11 +594,18 @@ def _remove(qmp: QmpClient, plan: LivePlan, outcome: LiveOutcome) -> None:
                     f"The overlay {overlay} was merged into its backing file, but QEMU still has it open; "
                     "it was not deleted."
                 )
+            os.unlink(overlay)
+        except OSError as exc:
+            raise LiveSnapshotError(
+                f"The overlay {overlay} was merged into its backing file and QEMU no longer uses it, but deleting it "
+                f"failed: {exc.strerror or exc}. Delete it by hand.",
+                merged_on=merged,
+                deleted_overlays=outcome.deleted_overlays,
+            ) from None
         except VmsnapError as exc:
             exc.details.setdefault("merged_on", merged)
             exc.details.setdefault("deleted_overlays", outcome.deleted_overlays)
             raise
-        os.unlink(overlay)
         outcome.deleted_overlays.append(overlay)
 
 

@@ -78,7 +78,8 @@ options:
     default: present
   devices:
     description:
-      - The disks to cover, by drive id (C(-drive id=...)), node name (C(-blockdev node-name=...)) or qdev id.
+      - The disks to cover, by drive id (C(-drive id=...)), node name (C(-blockdev node-name=...); the original
+        node name still works after overlays were put on top of it) or guest device id (C(-device ...,id=...)).
       - Default is every disk the VM can write to. Raw disks cannot hold internal snapshots; leave them out here
         (they are then not part of the checkpoint) or use O(mode=external).
       - M(vmsnap.qemu.qemu_vm_info) lists a VM's disks with these names.
@@ -191,8 +192,8 @@ devices:
   elements: dict
   contains:
     name:
-      description: The disk as the task names it (as given in O(devices), else its drive id or node name); the
-        diff uses this name too.
+      description: The disk as the task names it (as given in O(devices), else its drive id, else its C(-device)
+        id, else its active node name); the diff uses this name too.
       type: str
       sample: drive0
     device:
