@@ -24,6 +24,7 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import Validat
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient, QmpError
 
 SNAPSHOT_JOBS_SINCE = (6, 0, 0)
+_LATE_RESUME_SECONDS = 2.0
 MAX_FILE_NAME_BYTES = 255
 # QEMU leaves these statuses only when someone acts; a snapshot now would capture or hide a broken state.
 UNSAFE_VM_STATUSES = ("restore-vm", "inmigrate", "internal-error", "io-error", "guest-panicked", "shutdown")
@@ -428,6 +429,7 @@ class LiveOutcome:
     frozen: bool = False
     frozen_filesystems: int | None = None
     frozen_ms: float | None = None
+    left_paused: bool = False
     deleted_overlays: list[str] = field(default_factory=list)
 
 
@@ -454,10 +456,22 @@ def execute_live(qmp: QmpClient, plan: LivePlan, freezer: Freezer | None) -> Liv
             _revert(qmp, plan)
     finally:
         outcome.elapsed_ms = round((time.monotonic() - started) * 1000, 3)
-        with contextlib.suppress(VmsnapError):
-            qmp.poll_events()
-        outcome.downtime_ms = pause_ms(qmp.take_events(("STOP", "RESUME")))
+        outcome.downtime_ms, outcome.left_paused = _pause_of_this_task(qmp)
     return outcome
+
+
+def _pause_of_this_task(qmp: QmpClient) -> tuple[float, bool]:
+    """(pause in ms, whether QEMU stopped the guest and has not resumed it yet: then the pause counts to now)."""
+    events: list[dict[str, t.Any]] = []
+    with contextlib.suppress(VmsnapError):
+        qmp.poll_events()
+        events = qmp.take_events(("STOP", "RESUME"))
+        if still_paused(events):
+            resume = qmp.wait_event(lambda event: event.get("event") == "RESUME", _LATE_RESUME_SECONDS)
+            if resume is not None:
+                events.append(resume)
+    left_paused = still_paused(events)
+    return pause_ms(events, until=time.time() if left_paused else None), left_paused
 
 
 @contextlib.contextmanager
@@ -466,9 +480,10 @@ def _quiesced(plan: LivePlan, freezer: Freezer | None, outcome: LiveOutcome) -> 
     if not plan.quiesce or freezer is None:
         yield
         return
+    # The guest blocks new writes as soon as the freeze starts (it then flushes), so the clock starts here.
+    frozen_at = time.monotonic()
     outcome.frozen_filesystems = freezer.freeze()
     outcome.frozen = True
-    frozen_at = time.monotonic()
     try:
         yield
     except BaseException as exc:  # whatever went wrong, the guest must not stay frozen
@@ -680,19 +695,34 @@ def _status_or_none(qmp: QmpClient) -> dict[str, t.Any] | None:
         return None
 
 
-def pause_ms(events: list[dict[str, t.Any]]) -> float:
-    """Total time between each STOP and the RESUME after it, from QEMU's own event timestamps."""
+def pause_ms(events: list[dict[str, t.Any]], until: float | None = None) -> float:
+    """Total time between each STOP and the RESUME after it, from QEMU's own event timestamps.
+
+    A STOP without a RESUME counts until `until` (epoch seconds, QEMU's clock on this host) when given.
+    """
     total = 0.0
     stopped_at: float | None = None
     for event in events:
-        stamp = event.get("timestamp") or {}
-        moment = float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
+        moment = _event_time(event)
         if event.get("event") == "STOP" and stopped_at is None:
             stopped_at = moment
         elif event.get("event") == "RESUME" and stopped_at is not None:
             total += moment - stopped_at
             stopped_at = None
+    if stopped_at is not None and until is not None:
+        total += max(until - stopped_at, 0.0)
     return round(total * 1000, 3)
+
+
+def still_paused(events: list[dict[str, t.Any]]) -> bool:
+    """Whether the last STOP/RESUME event is a STOP."""
+    names = [event.get("event") for event in events if event.get("event") in ("STOP", "RESUME")]
+    return bool(names) and names[-1] == "STOP"
+
+
+def _event_time(event: dict[str, t.Any]) -> float:
+    stamp = event.get("timestamp") or {}
+    return float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
 
 
 def _view(request: LiveRequest, device: DevicePlan, after: bool) -> list[str]:

@@ -223,7 +223,10 @@ devices:
 downtime_ms:
   description:
     - How long the guest was paused, in milliseconds, from the timestamps of QEMU's C(STOP) and C(RESUME) events.
-    - V(0) when QEMU did not pause the guest (external and disk-only snapshots, deletes, check mode).
+    - V(0) when QEMU did not pause the guest (external and disk-only snapshots, deletes, check mode). Those still
+      hold the guest's disk I/O for the QMP transaction, which RV(elapsed_ms) bounds.
+    - If QEMU stopped the guest and has not resumed it by the end of the task, the pause counts until then and
+      the task warns.
   returned: success
   type: float
   sample: 212.8
@@ -243,7 +246,9 @@ frozen_filesystems:
   type: int
   sample: 2
 frozen_ms:
-  description: How long the guest's file systems stayed frozen, in milliseconds; null when not frozen.
+  description:
+    - How long the guest's file systems were frozen, in milliseconds, from the start of the freeze request (the
+      guest blocks new writes from then on) to the end of the thaw; null when not frozen.
   returned: success
   type: float
   sample: 9.7
@@ -319,6 +324,11 @@ def main() -> t.NoReturn:
             if plan.changed and not module.check_mode:
                 outcome = _act(module, qmp, plan, agent)
                 result["vm_status"] = _vm_status(qmp)
+                if outcome.left_paused:
+                    module.warn(
+                        f"QEMU paused the guest for this task and has not resumed it (status {result['vm_status']}); "
+                        "downtime_ms counts until the end of the task."
+                    )
             elif agent is not None:
                 agent.close()
     except VmsnapError as exc:

@@ -27,6 +27,7 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._live import (
     overlay_path,
     pause_ms,
     plan_live,
+    still_paused,
 )
 
 OLD_QEMU = (5, 2, 0)
@@ -693,3 +694,15 @@ def test_diff_of_external_absent(live: Load, name: str, after: list[str]) -> Non
 def test_diff_of_an_unchanged_plan_is_empty(live: Load) -> None:
     diff = plan(live("chain-two-overlays"), name="e1", mode="external").diff()
     assert diff["before"] == diff["after"] and len(diff["before"]) == 2
+
+
+def test_pause_ms_counts_an_open_stop_until_the_given_moment() -> None:
+    def event(name: str, seconds: int, micro: int) -> dict[str, t.Any]:
+        return {"event": name, "timestamp": {"seconds": seconds, "microseconds": micro}}
+
+    open_stop = [event("STOP", 1, 0), event("RESUME", 1, 500_000), event("STOP", 10, 0)]
+    assert pause_ms(open_stop) == 500.0
+    assert pause_ms(open_stop, until=12.25) == 2750.0
+    assert still_paused(open_stop) is True
+    assert still_paused(open_stop[:2]) is False
+    assert still_paused([]) is False

@@ -760,3 +760,35 @@ def test_a_resume_that_comes_with_the_last_reply_is_counted(connect, live) -> No
     dummy, qmp = connect(vm)
     outcome = execute_live(qmp, plan(live("mixed-fresh"), devices=("drive0",)), None)
     assert outcome.downtime_ms == 20.0
+
+
+def test_a_guest_left_stopped_counts_until_now_and_is_flagged(connect, live) -> None:
+    vm = FakeVm()
+    stopped_at = time.time() - 3.0
+    vm.events_after["snapshot-save"] = [event("STOP", int(stopped_at), int(stopped_at % 1 * 1e6))]
+    dummy, qmp = connect(vm)
+    started = time.monotonic()
+    outcome = execute_live(qmp, plan(live("mixed-fresh"), devices=("drive0",)), None)
+    waited = time.monotonic() - started
+    assert outcome.left_paused is True
+    assert 3000.0 <= outcome.downtime_ms <= (3.0 + waited + 1.0) * 1000
+    assert waited >= 1.5  # it gave a late RESUME a chance first
+
+
+def test_a_late_resume_is_waited_for(connect, live) -> None:
+    vm = FakeVm()
+    vm.events_after["snapshot-save"] = [event("STOP", 1795797686, 116429)]
+    server, qmp = connect(vm)
+    outcome_box: list[LiveOutcome] = []
+
+    def run() -> None:
+        outcome_box.append(execute_live(qmp, plan(live("mixed-fresh"), devices=("drive0",)), None))
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    time.sleep(0.5)
+    assert server.conn is not None
+    server.conn.sendall(json.dumps(event("RESUME", 1795797686, 216429)).encode() + b"\n")
+    worker.join(10)
+    assert outcome_box and outcome_box[0].downtime_ms == 100.0
+    assert outcome_box[0].left_paused is False
