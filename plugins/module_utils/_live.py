@@ -182,10 +182,8 @@ def choose_disks(
 def _names_of(disk: dict[str, t.Any], nodes: list[dict[str, t.Any]]) -> set[t.Any]:
     layers = {(layer["filename"], layer["format"]) for layer in disk["chain"]}
     chain_nodes = {node.get("node-name") for node in nodes if (node.get("file"), node.get("drv")) in layers}
-    return {disk.get("device"), disk.get("node_name"), disk.get("qdev"), qdev_id(disk.get("qdev"))} - {
-        None,
-        "",
-    } | chain_nodes
+    own = {disk.get("device"), disk.get("node_name"), disk.get("qdev"), qdev_id(disk.get("qdev"))}
+    return (own | chain_nodes) - {None, ""}
 
 
 def _inventory(block_devices: list[dict[str, t.Any]]) -> str:
