@@ -1,5 +1,5 @@
 # vmsnap.qemu: the two commands of the README, and the pieces they are made of.
-#   make demo   - checkpoint -> broken upgrade -> rollback on a real qcow2 disk
+#   make demo   - checkpoint -> broken upgrade -> rollback: offline on a qcow2 disk, then live on a running VM
 #   make test   - every test layer: ruff, sanity, unit, integration, lint, galaxy build + install
 # Both install what they need first: Debian packages (via apt-get, with sudo when not root) and .venv.
 
@@ -29,7 +29,7 @@ export PY_COLORS := 0
 
 .PHONY: help
 help:
-	@echo "make demo   - run the checkpoint/rollback demo on a scratch disk"
+	@echo "make demo   - checkpoint -> broken upgrade -> rollback: on a scratch disk, then live on a real running VM"
 	@echo "make test   - run every test layer (installs what it needs)"
 	@echo "make bench  - run the benchmark and print the ratios for docs/performance.md"
 	@echo "make bench-live - guest pause of live snapshots vs HMP savevm (tiny real guest, for docs/performance.md)"
@@ -58,6 +58,7 @@ copy:
 .PHONY: demo
 demo: deps copy
 	ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) $(VENV)/bin/ansible-playbook -i localhost, demo/offline_rollback.yml
+	ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) $(VENV)/bin/ansible-playbook -i localhost, demo/live_rollback.yml
 
 # Each layer stops the run when it fails; the last line counts the layers that passed.
 TEST_LAYERS := ruff changelog-lint sanity units integration vm-tests lint galaxy

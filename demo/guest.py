@@ -1,0 +1,109 @@
+# Copyright (c) 2026, vmsnap.qemu contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Demo helper: a real running Linux VM for demo/live_rollback.yml, and commands inside it.
+
+  guest.py start DIR   build the tiny guest of tests/vm (cached), start it daemonized with a qcow2 data disk,
+                       wait for its guest agent; prints {"qmp": ..., "qga": ..., "disk": ..., "pid": ...} as JSON
+  guest.py exec QGA CMD  run CMD with /bin/sh inside the guest (guest-exec); prints its output, exits with its status
+  guest.py stop DIR    kill the VM started in DIR (by its pidfile)
+
+The guest agent is spoken with the collection's own client (plugins/module_utils/_guest_agent.py), imported from
+$ANSIBLE_COLLECTIONS_PATH (make demo points it at build/src).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "vm"))
+sys.path.insert(0, os.environ.get("ANSIBLE_COLLECTIONS_PATH", str(REPO / "build" / "src")).split(":")[0])
+
+from tiny_guest import AGENT_PORT_NAME, build_tiny_guest, make_ext4_qcow2  # noqa: E402
+
+from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import VmsnapError  # noqa: E402
+from ansible_collections.vmsnap.qemu.plugins.module_utils._guest_agent import GuestAgentClient  # noqa: E402
+
+BOOT_SECONDS = 90.0
+
+
+def start(folder: Path) -> dict[str, object]:
+    folder.mkdir(parents=True, exist_ok=True)
+    image = build_tiny_guest(Path(os.environ.get("VMSNAP_GUEST_CACHE") or REPO / "build" / "guest-cache"))
+    disk = make_ext4_qcow2(folder / "app-data.qcow2", size_mib=64)
+    qmp, qga, pidfile = folder / "vm.qmp", folder / "vm.qga", folder / "vm.pid"
+    argv = [
+        "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-M", "q35", "-smp", "1", "-m", "256",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", "console=ttyS0 panic=-1 quiet",
+        "-serial", f"file:{folder / 'console.log'}", "-serial", "null",
+        "-qmp", f"unix:{qmp},server=on,wait=off",
+        "-blockdev", f"driver=file,filename={disk},node-name=app-file",
+        "-blockdev", "driver=qcow2,file=app-file,node-name=app-disk",
+        "-device", "virtio-blk-pci,drive=app-disk,id=app",
+        "-device", "virtio-serial-pci,id=vs0",
+        "-chardev", f"socket,id=qga0,path={qga},server=on,wait=off",
+        "-device", f"virtserialport,bus=vs0.0,chardev=qga0,name={AGENT_PORT_NAME}",
+        "-daemonize", "-pidfile", str(pidfile),
+    ]  # fmt: skip
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + BOOT_SECONDS
+    while True:  # the agent answers once the guest has booted; its init mounts the disk before starting it
+        try:
+            code, dummy = run_in_guest(str(qga), "grep -q ' /mnt/data ' /proc/mounts", connect_timeout=2)
+        except VmsnapError:
+            code = None
+        if code == 0:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the demo VM did not come up within {BOOT_SECONDS:g} s; see {folder}/console.log")
+        time.sleep(0.5)
+    return {"qmp": str(qmp), "qga": str(qga), "disk": str(disk), "pid": int(pidfile.read_text())}
+
+
+def run_in_guest(qga: str, command: str, connect_timeout: float = 5.0) -> tuple[int, str]:
+    with GuestAgentClient(qga, connect_timeout=connect_timeout, command_timeout=30) as agent:
+        pid = agent.execute("guest-exec", {"path": "/bin/sh", "arg": ["-c", command], "capture-output": True})["pid"]
+        for dummy in range(600):
+            status = agent.execute("guest-exec-status", {"pid": pid})
+            if status.get("exited"):
+                output = base64.b64decode(status.get("out-data", "")) + base64.b64decode(status.get("err-data", ""))
+                return int(status.get("exitcode", -1)), output.decode(errors="replace")
+            time.sleep(0.1)
+    raise RuntimeError(f"{command!r} did not finish in the guest within 60 s")
+
+
+def stop(folder: Path) -> None:
+    pidfile = folder / "vm.pid"
+    if pidfile.exists():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pidfile.read_text()), signal.SIGTERM)
+        pidfile.unlink()
+
+
+def main() -> int:
+    action = sys.argv[1]
+    if action == "start":
+        print(json.dumps(start(Path(sys.argv[2]).resolve())))
+        return 0
+    if action == "exec":
+        code, output = run_in_guest(sys.argv[2], sys.argv[3])
+        sys.stdout.write(output)
+        return code
+    if action == "stop":
+        stop(Path(sys.argv[2]).resolve())
+        return 0
+    raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
