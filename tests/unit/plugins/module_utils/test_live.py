@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import typing as t
-from dataclasses import dataclass
 
 import pytest
 
@@ -29,55 +28,12 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._live import (
     plan_live,
     still_paused,
 )
+from ansible_collections.vmsnap.qemu.tests.unit.plugins.module_utils.qmp_fakes import Recording
 
 OLD_QEMU = (5, 2, 0)
 
 
-@dataclass
-class Recording:
-    vm: t.Dict[str, t.Any]
-    nodes: t.List[t.Dict[str, t.Any]]
-    version: t.Tuple[int, int, int]
-    events: t.List[t.Dict[str, t.Any]]
-    load_error: t.Optional[str]
-
-    def disk(self, device: str) -> t.Dict[str, t.Any]:
-        """A disk by drive id, or by its active node name for -blockdev disks (which have no drive id)."""
-        for disk in self.vm["block_devices"]:
-            if device in (disk["device"], disk["node_name"]):
-                return disk
-        raise KeyError(device)
-
-    def node(self, filename: str, drv: str = "qcow2") -> str:
-        """The node name QEMU gave to a file (a format node unless drv says otherwise)."""
-        names = [node["node-name"] for node in self.nodes if node["file"] == filename and node["drv"] == drv]
-        assert len(names) == 1, names
-        return str(names[0])
-
-
-def _reroot(value: t.Any, root: str) -> t.Any:
-    if isinstance(value, str):
-        return root + value[len("/vms") :] if value.startswith("/vms/") else value
-    if isinstance(value, list):
-        return [_reroot(item, root) for item in value]
-    if isinstance(value, dict):
-        return {key: _reroot(item, root) for key, item in value.items()}
-    return value
-
-
 Load = t.Callable[..., Recording]
-
-
-@pytest.fixture
-def live(recorded: t.Any) -> Load:
-    """live(name, root="/vms"): the recording fixtures/qemu-7.2.22/live-<name>.json, its paths moved to root."""
-
-    def load(name: str, root: str = "/vms") -> Recording:
-        doc = _reroot(recorded.json(f"live-{name}.json"), str(root))
-        major, minor, micro = doc["qemu_version"]
-        return Recording(doc["vm"], doc["nodes"], (major, minor, micro), doc.get("events", []), doc.get("load_error"))
-
-    return load
 
 
 def plan(

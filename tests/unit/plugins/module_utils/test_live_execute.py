@@ -14,11 +14,9 @@ from __future__ import annotations
 import errno
 import json
 import os
-import socket
 import threading
 import time
 import typing as t
-from dataclasses import dataclass
 
 import pytest
 
@@ -34,71 +32,17 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._live import (
     plan_live,
 )
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient, QmpError, QmpJobError
+from ansible_collections.vmsnap.qemu.tests.unit.plugins.module_utils.qmp_fakes import (
+    FakeQmp,
+    Handler,
+    Message,
+    Recording,
+    event,
+    qmp_error,
+    reply,
+)
 
-Message = t.Dict[str, t.Any]
-Handler = t.Callable[[Message, "FakeQmp"], t.Optional[t.List[Message]]]
-GREETING = {"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": ""}, "capabilities": []}}
 AGENT = "/run/vms/web01.qga"  # only planned with, never connected to: the freezer is a fake
-
-# --- a fake QMP server (copied from test_qmp.py) ---------------------------------------------------------------
-
-
-class FakeQmp:
-    """Serves one client: greets, then answers each command with handler's messages."""
-
-    def __init__(self, path: str, handler: Handler) -> None:
-        self.path = path
-        self.handler = handler
-        self.received: list[Message] = []
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.server.bind(path)
-        self.server.listen(1)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-        self.conn: socket.socket | None = None
-
-    def _serve(self) -> None:
-        conn, dummy = self.server.accept()
-        self.conn = conn
-        self.send(GREETING)
-        for line in conn.makefile("rb"):
-            message = json.loads(line)
-            self.received.append(message)
-            if message["execute"] == "qmp_capabilities":
-                self.send({"return": {}, "id": message.get("id")})
-                continue
-            replies = self.handler(message, self)
-            if replies is None:  # drop the connection
-                conn.close()
-                return
-            for reply in replies:
-                self.send(reply)
-
-    def send(self, message: Message) -> None:
-        assert self.conn is not None
-        self.conn.sendall(json.dumps(message).encode() + b"\n")
-
-    def sent(self, *commands: str) -> list[tuple[str, Message]]:
-        """(command, arguments) of what the client sent, only these commands, in order."""
-        return [(m["execute"], m.get("arguments", {})) for m in self.received if m["execute"] in commands]
-
-    def close(self) -> None:
-        self.server.close()
-        if self.conn is not None:
-            self.conn.close()
-
-
-def reply(message: Message, value: t.Any) -> Message:
-    return {"return": value, "id": message.get("id")}
-
-
-def qmp_error(message: Message, desc: str) -> Message:
-    return {"error": {"class": "GenericError", "desc": desc}, "id": message.get("id")}
-
-
-def event(name: str, seconds: int, microseconds: int, **data: t.Any) -> Message:
-    return {"event": name, "data": data, "timestamp": {"seconds": seconds, "microseconds": microseconds}}
-
 
 # --- a fake VM behind it ----------------------------------------------------------------------------------------
 
@@ -258,39 +202,6 @@ def connect(tmp_path):
         client.close()
     for server in servers:
         server.close()
-
-
-# --- the recorded VMs (loader copied from test_live.py) --------------------------------------------------------
-
-
-@dataclass
-class Recording:
-    vm: t.Dict[str, t.Any]
-    nodes: t.List[t.Dict[str, t.Any]]
-    version: t.Tuple[int, int, int]
-    load_error: t.Optional[str]
-
-
-def _reroot(value: t.Any, root: str) -> t.Any:
-    if isinstance(value, str):
-        return root + value[len("/vms") :] if value.startswith("/vms/") else value
-    if isinstance(value, list):
-        return [_reroot(item, root) for item in value]
-    if isinstance(value, dict):
-        return {key: _reroot(item, root) for key, item in value.items()}
-    return value
-
-
-@pytest.fixture
-def live(recorded: t.Any) -> t.Callable[..., Recording]:
-    """live(name, root="/vms"): the recording fixtures/qemu-7.2.22/live-<name>.json, its paths moved to root."""
-
-    def load(name: str, root: t.Any = "/vms") -> Recording:
-        doc = _reroot(recorded.json(f"live-{name}.json"), str(root))
-        major, minor, micro = doc["qemu_version"]
-        return Recording(doc["vm"], doc["nodes"], (major, minor, micro), doc.get("load_error"))
-
-    return load
 
 
 def plan(recording: Recording, name: str = "new", **kwargs: t.Any) -> LivePlan:

@@ -6,13 +6,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
-import threading
 import time
-import typing as t
 
 import pytest
 
@@ -23,76 +20,7 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import (
     QmpJobError,
     QmpTimeoutError,
 )
-
-GREETING = {"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": ""}, "capabilities": []}}
-Handler = t.Callable[[dict, "FakeQmp"], t.Optional[t.List[dict]]]
-
-
-class FakeQmp:
-    """Serves one client: greets (unless told not to), then answers each command with handler's messages."""
-
-    def __init__(self, path: str, handler: Handler, greet: bool = True) -> None:
-        self.path = path
-        self.handler = handler
-        self.greet = greet
-        self.received: list[dict] = []
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.server.bind(path)
-        self.server.listen(1)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-        self.conn: socket.socket | None = None
-
-    def _serve(self) -> None:
-        conn, dummy = self.server.accept()
-        self.conn = conn
-        if not self.greet:
-            time.sleep(30)
-            return
-        self.send(GREETING)
-        reader = conn.makefile("rb")
-        for line in reader:
-            message = json.loads(line)
-            self.received.append(message)
-            if message["execute"] == "qmp_capabilities":
-                self.send({"return": {}, "id": message.get("id")})
-                continue
-            replies = self.handler(message, self)
-            if replies is None:  # drop the connection
-                conn.close()
-                return
-            for reply in replies:
-                self.send(reply)
-
-    def send(self, message: dict) -> None:
-        assert self.conn is not None
-        self.conn.sendall(json.dumps(message).encode() + b"\n")
-
-    def commands(self) -> list[str]:
-        return [m["execute"] for m in self.received]
-
-    def close(self) -> None:
-        self.server.close()
-        if self.conn is not None:
-            self.conn.close()
-
-
-@pytest.fixture
-def serve(tmp_path):
-    servers = []
-
-    def start(handler: Handler, greet: bool = True) -> FakeQmp:
-        server = FakeQmp(str(tmp_path / f"qmp{len(servers)}.sock"), handler, greet)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.close()
-
-
-def reply(message: dict, value: t.Any) -> dict:
-    return {"return": value, "id": message.get("id")}
+from ansible_collections.vmsnap.qemu.tests.unit.plugins.module_utils.qmp_fakes import FakeQmp, reply
 
 
 def test_commands_events_and_version(serve) -> None:
