@@ -133,8 +133,13 @@ notes:
     the disks already merged (RV(merged_on)).
   - After a failed C(snapshot-load), QEMU can leave the VM paused in status C(restore-vm) with its disks partly
     reverted. The module reports that status in the failure and does not resume the VM.
-  - Snapshots are not protected against a VM that has dirty bitmaps; QEMU refuses to revert while a disk has one,
-    and the module says so before trying.
+  - Internal snapshots and dirty bitmaps (incremental backups) do not mix. Taking a snapshot works, but QEMU refuses
+    to revert one while a chosen disk has a dirty bitmap; the module says so before trying.
+  - The VM is refused while it is in status C(restore-vm), C(inmigrate), C(internal-error), C(io-error),
+    C(guest-panicked) or C(shutdown) (O(state=absent) still works), and while an earlier vmsnap job is still
+    running in it.
+  - QEMU serves one client at a time on the guest agent's socket; another connected client makes O(quiesce) fail
+    (or, with V(best_effort), be skipped).
 seealso:
   - module: vmsnap.qemu.qemu_vm_info
   - module: vmsnap.qemu.qcow2_snapshot
