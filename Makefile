@@ -102,7 +102,8 @@ galaxy:
 	env -u ANSIBLE_COLLECTIONS_PATH $(VENV)/bin/ansible-galaxy collection install $(TARBALL) -p $(INSTALL_ROOT)
 	VENV=$(VENV) INSTALL_ROOT=$(INSTALL_ROOT) tools/smoke-installed.sh
 
-# The tiny real Linux guest (tests/vm): built from Debian packages into build/guest-cache, booted under TCG;
+# The tiny real Linux guest (tests/vm): built from Debian packages into ~/.cache/vmsnap.qemu/guest (or
+# $VMSNAP_GUEST_CACHE), booted under TCG;
 # qmp_live_snapshot is run through ansible against it (collection from the copy).
 .PHONY: vm-tests
 vm-tests:

@@ -309,7 +309,7 @@ def report(samples: dict[str, list[dict[str, t.Any]]], fill_out: str) -> None:
 
 
 def main() -> int:
-    cache = Path(os.environ.get("VMSNAP_GUEST_CACHE") or REPO / "build" / "guest-cache")
+    cache = tiny_guest.default_cache_dir()
     samples: dict[str, list[dict[str, t.Any]]] = {method: [] for method in METHODS}
     observer = None
     # Short path: AF_UNIX socket paths are limited to 107 bytes.

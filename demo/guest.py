@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "vm"))
 sys.path.insert(0, os.environ.get("ANSIBLE_COLLECTIONS_PATH", str(REPO / "build" / "src")).split(":")[0])
 
-from tiny_guest import AGENT_PORT_NAME, build_tiny_guest, make_ext4_qcow2  # noqa: E402
+from tiny_guest import AGENT_PORT_NAME, build_tiny_guest, default_cache_dir, make_ext4_qcow2  # noqa: E402
 
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import VmsnapError  # noqa: E402
 from ansible_collections.vmsnap.qemu.plugins.module_utils._guest_agent import GuestAgentClient  # noqa: E402
@@ -38,7 +38,7 @@ BOOT_SECONDS = 90.0
 
 def start(folder: Path) -> dict[str, object]:
     folder.mkdir(parents=True, exist_ok=True)
-    image = build_tiny_guest(Path(os.environ.get("VMSNAP_GUEST_CACHE") or REPO / "build" / "guest-cache"))
+    image = build_tiny_guest(default_cache_dir())
     disk = make_ext4_qcow2(folder / "app-data.qcow2", size_mib=64)
     qmp, qga, pidfile = folder / "vm.qmp", folder / "vm.qga", folder / "vm.pid"
     argv = [

@@ -6,19 +6,18 @@
 
 from __future__ import annotations
 
-import os
 import typing as t
 from pathlib import Path
 
 import pytest
-from tiny_guest import GuestImage, GuestVM, build_tiny_guest, make_ext4_qcow2
+from tiny_guest import GuestImage, GuestVM, build_tiny_guest, default_cache_dir, make_ext4_qcow2
 
 REPO = Path(__file__).resolve().parents[2]
 BOOT_TIMEOUT = 90.0
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("VMSNAP_GUEST_CACHE") or REPO / "build" / "guest-cache")
+    return default_cache_dir()
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@
 """End-to-end tests of the tiny real guest (tiny_guest.py): real kernel, real QEMU, real qemu-ga.
 
 Run: .venv/bin/pytest tests/vm -v
-Cache: $VMSNAP_GUEST_CACHE or build/guest-cache (gitignored); the first run downloads ~33 MB of .debs.
+Cache: $VMSNAP_GUEST_CACHE or ~/.cache/vmsnap.qemu/guest; the first run downloads ~33 MB of .debs.
 """
 
 from __future__ import annotations

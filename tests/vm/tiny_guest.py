@@ -114,6 +114,14 @@ done
 """
 
 
+def default_cache_dir() -> Path:
+    """$VMSNAP_GUEST_CACHE, else ~/.cache/vmsnap.qemu/guest: outside the clone, so fresh clones reuse the .debs."""
+    configured = os.environ.get("VMSNAP_GUEST_CACHE")
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vmsnap.qemu" / "guest"
+
+
 class GuestError(Exception):
     """The tiny guest could not be built, booted or talked to."""
 
