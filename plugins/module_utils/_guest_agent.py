@@ -14,7 +14,6 @@ its JSON reply, and everything before that byte is dropped.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import time
@@ -81,9 +80,16 @@ class GuestFreezer:
             return int(self.agent.execute("guest-fsfreeze-freeze", timeout=self.timeout))
         except VmsnapError as exc:
             # A freeze that failed half-way can leave some file systems frozen.
-            with contextlib.suppress(VmsnapError):
+            msg = f"The guest agent could not freeze the file systems: {exc.msg}"
+            try:
                 self.agent.execute("guest-fsfreeze-thaw", timeout=self.timeout)
-            raise GuestAgentError(f"The guest agent could not freeze the file systems: {exc.msg}") from None
+            except VmsnapError as thaw_exc:
+                raise GuestAgentError(
+                    f"{msg} Thawing afterwards failed too ({thaw_exc.msg}): the guest may still be frozen; "
+                    "run guest-fsfreeze-thaw.",
+                    guest_may_be_frozen=True,
+                ) from None
+            raise GuestAgentError(msg) from None
 
     def thaw(self) -> int:
         return int(self.agent.execute("guest-fsfreeze-thaw", timeout=self.timeout))

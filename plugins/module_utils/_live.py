@@ -220,10 +220,22 @@ def plan_live(
     plan = LivePlan(request=request, devices=[], vm_running=bool(vm.get("running")))
     if request.mode == "internal":
         _plan_internal(plan, disks, version)
+        if request.state == "reverted":
+            _warn_disks_left_out(plan, vm["block_devices"])
     else:
         _plan_external(plan, disks)
     _plan_quiesce(plan)
     return plan
+
+
+def _warn_disks_left_out(plan: LivePlan, block_devices: list[dict[str, t.Any]]) -> None:
+    chosen = [device.disk for device in plan.devices]
+    left_out = [disk_label(disk) for disk in block_devices if disk["writable"] and not any(disk is c for c in chosen)]
+    if left_out:
+        plan.warnings.append(
+            f"The revert brings back RAM but leaves the writable disks {', '.join(left_out)} as they are now. If the "
+            "guest has file systems on them mounted, its restored page cache no longer matches them; check them."
+        )
 
 
 def _refuse_running_vmsnap_jobs(jobs: list[dict[str, t.Any]]) -> None:
@@ -261,6 +273,12 @@ def _plan_internal(plan: LivePlan, disks: list[tuple[str, dict[str, t.Any]]], ve
     ]
     if request.state == "present":
         if _consistent(plan):
+            if request.vmstate and not _ram_state_holders(plan):
+                raise ValidationError(
+                    f"Snapshot {request.name!r} exists on every chosen disk, but holds no RAM state (it was taken "
+                    "with vmstate=false), so it cannot be reverted live. Remove it with state=absent and take it "
+                    "again, or ask for vmstate=false."
+                )
             return
         if request.vmstate:
             _require_snapshot_jobs(version, "An internal snapshot with vmstate")
@@ -291,7 +309,6 @@ def _plan_internal_revert(plan: LivePlan, version: tuple[int, int, int]) -> None
             "(QEMU would leave the VM paused in 'restore-vm' after such a failed load.)",
             missing_on=missing,
         )
-    holders = []
     for device in plan.devices:
         named = [snap for snap in device.disk["snapshots"] if snap["name"] == request.name]
         if len(named) > 1:
@@ -299,12 +316,12 @@ def _plan_internal_revert(plan: LivePlan, version: tuple[int, int, int]) -> None
                 f"Disk {device.label} has {len(named)} snapshots named {request.name!r} "
                 f"(IDs {', '.join(snap['id'] for snap in named)}); refusing to guess which one to load."
             )
-        if named[0]["vm_state_size"] > 0:
-            holders.append(device.node_name)
+    holders = _ram_state_holders(plan)
     if not holders:
         raise ValidationError(
-            f"Snapshot {request.name!r} holds no RAM state (it is disk-only), so it cannot be loaded into a "
-            "running VM. Stop the VM and revert its disks with vmsnap.qemu.qcow2_snapshot state=reverted."
+            f"Snapshot {request.name!r} holds no RAM state on the chosen disks (it is disk-only, or devices leaves "
+            "out the disk that holds its RAM state), so it cannot be loaded into a running VM. To revert the disks "
+            "only, stop the VM and use vmsnap.qemu.qcow2_snapshot state=reverted."
         )
     for device in plan.devices:
         # A running mirror or commit job holds an unnamed bitmap: it blocks the revert just the same.
@@ -320,6 +337,28 @@ def _plan_internal_revert(plan: LivePlan, version: tuple[int, int, int]) -> None
     plan.vmstate_node = holders[0]
     for device in plan.devices:
         device.action = "revert"
+
+
+def _ram_state_holders(plan: LivePlan) -> list[str]:
+    """Node names of the chosen disks whose snapshot of this name holds the RAM state."""
+    return [
+        device.node_name
+        for device in plan.devices
+        if any(snap["name"] == plan.request.name and snap["vm_state_size"] > 0 for snap in device.disk["snapshots"])
+    ]
+
+
+def vm_fingerprint(vm: dict[str, t.Any]) -> list[tuple[t.Any, ...]]:
+    """What a live snapshot task can change in a VM: each disk's chain of files and its snapshot names."""
+    return [
+        (
+            disk.get("device"),
+            disk.get("qdev"),
+            tuple(layer["filename"] for layer in disk["chain"]),
+            tuple(snap["name"] for snap in disk["snapshots"]),
+        )
+        for disk in vm["block_devices"]
+    ]
 
 
 def _plan_external(plan: LivePlan, disks: list[tuple[str, dict[str, t.Any]]]) -> None:
@@ -428,6 +467,7 @@ class LiveOutcome:
     frozen_filesystems: int | None = None
     frozen_ms: float | None = None
     left_paused: bool = False
+    warnings: list[str] = field(default_factory=list)
     deleted_overlays: list[str] = field(default_factory=list)
 
 
@@ -480,7 +520,16 @@ def _quiesced(plan: LivePlan, freezer: Freezer | None, outcome: LiveOutcome) -> 
         return
     # The guest blocks new writes as soon as the freeze starts (it then flushes), so the clock starts here.
     frozen_at = time.monotonic()
-    outcome.frozen_filesystems = freezer.freeze()
+    try:
+        outcome.frozen_filesystems = freezer.freeze()
+    except VmsnapError as exc:
+        if plan.request.quiesce != "best_effort" or exc.details.get("guest_may_be_frozen"):
+            raise
+        outcome.warnings.append(
+            f"quiesce=best_effort: the guest could not be frozen ({exc.msg}); the snapshot is crash-consistent."
+        )
+        yield
+        return
     outcome.frozen = True
     try:
         yield
@@ -534,6 +583,7 @@ def _create(qmp: QmpClient, plan: LivePlan) -> None:
         ]
         qmp.execute("transaction", {"actions": actions}, timeout=request.timeout)
         return
+    claimed = _claim_overlays(devices)
     actions = [
         {
             "type": "blockdev-snapshot-sync",
@@ -550,31 +600,74 @@ def _create(qmp: QmpClient, plan: LivePlan) -> None:
     try:
         qmp.execute("transaction", {"actions": actions}, timeout=request.timeout)
     except QmpError as exc:
-        removed, problems = _remove_new_overlays(devices)
+        # QEMU answered: the graph is unchanged, so nothing uses the files this task claimed.
+        removed, problems = _remove_files(claimed)
         msg = (
             f"QEMU refused the external snapshot: {exc.desc}. The transaction is all-or-nothing, so no disk got an "
-            f"overlay; {len(removed)} overlay file(s) QEMU had already created were removed."
+            f"overlay; the {len(removed)} overlay file(s) this task had created were removed."
         )
         if problems:
             msg += f" These could not be removed; delete them by hand: {', '.join(problems)}."
         raise LiveSnapshotError(msg, removed_overlays=removed, leftover_overlays=problems) from None
+    # Any other failure (no answer in time, a lost connection) leaves the files alone: QEMU may be using them.
 
 
-def _remove_new_overlays(devices: list[DevicePlan]) -> tuple[list[str], list[str]]:
-    """Remove the overlay files a failed transaction created (the plan checked that none existed before).
+def _claim_overlays(devices: list[DevicePlan]) -> list[str]:
+    """Create each overlay file empty and exclusively (O_EXCL) before QEMU writes it.
 
-    Returns (removed, problems); a file that cannot be removed does not stop the others.
+    Only files this task created are ever removed again, so a file that another task or VM made in the meantime
+    (two VMs with same-named disks sharing overlay_dir) is never touched. Each file gets its disk's owner, group
+    and mode, so a QEMU running as another user can write it.
     """
-    removed, problems = [], []
+    claimed: list[str] = []
     for device in devices:
-        if not (device.overlay and os.path.lexists(device.overlay)):
-            continue
+        overlay = t.cast(str, device.overlay)
+        owner = _owner_of(device.disk["file"])
         try:
-            os.unlink(device.overlay)
+            fd = os.open(overlay, os.O_WRONLY | os.O_CREAT | os.O_EXCL, owner[2] if owner else 0o644)
+            try:
+                if owner and os.geteuid() == 0 and owner[:2] != (0, 0):
+                    os.fchown(fd, owner[0], owner[1])
+            finally:
+                os.close(fd)
         except OSError as exc:
-            problems.append(f"{device.overlay} ({exc.strerror or exc})")
+            removed, problems = _remove_files(claimed)
+            reason = (
+                "it appeared after this task checked (another task?)"
+                if isinstance(exc, FileExistsError)
+                else (exc.strerror or str(exc))
+            )
+            raise LiveSnapshotError(
+                f"Cannot create the overlay file {overlay} for {device.label}: {reason}. No snapshot was taken"
+                + (f"; these could not be removed: {', '.join(problems)}." if problems else "."),
+                removed_overlays=removed,
+                leftover_overlays=problems,
+            ) from None
+        claimed.append(overlay)
+    return claimed
+
+
+def _owner_of(path: str) -> tuple[int, int, int] | None:
+    """(uid, gid, permission bits) of a disk file, or None when it cannot be read (e.g. not a local file)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_uid, st.st_gid, st.st_mode & 0o666
+
+
+def _remove_files(paths: list[str]) -> tuple[list[str], list[str]]:
+    """Remove files this task created. Returns (removed, problems); one failure does not stop the others."""
+    removed, problems = [], []
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            problems.append(f"{path} ({exc.strerror or exc})")
         else:
-            removed.append(device.overlay)
+            removed.append(path)
     return removed, problems
 
 

@@ -25,6 +25,7 @@ import typing as t
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import VmsnapError
 
 _JOB_POLL_SECONDS = 0.5
+_COMPLETE_GRACE_SECONDS = 10.0
 
 
 class QmpError(VmsnapError):
@@ -192,11 +193,19 @@ class QmpClient:
                 job_id=job_id,
             ) from None
         if complete_when_ready:
-            status = self.wait_job(job_id, ("ready", "concluded"), timeout)
+            status = self.wait_job(job_id, ("ready", "concluded"), max(deadline - time.monotonic(), 0.0))
             if status == "ready":
                 self.execute("job-complete", {"id": job_id})
+                # Completing a ready job is a short switch-over: give it time even when the deadline is near.
+                deadline = max(deadline, time.monotonic() + _COMPLETE_GRACE_SECONDS)
         self.wait_job(job_id, ("concluded",), max(deadline - time.monotonic(), 0.0))
-        job = self.query_job(job_id) or {}
+        job = self.query_job(job_id)
+        if job is None:
+            raise QmpJobError(
+                f"QMP job {job_id} ({command}) disappeared before this task could read its result (someone else "
+                "dismissed it?); whether it succeeded is unknown. Check the VM before going on.",
+                job_id=job_id,
+            )
         if job.get("status") == "concluded":
             self.execute("job-dismiss", {"id": job_id})
         if job.get("error"):
@@ -237,6 +246,7 @@ class QmpClient:
         if self._sock is None:
             raise QmpConnectionError(f"Not connected to {self.path}.", socket=self.path)
         try:
+            self._sock.settimeout(self.command_timeout)  # poll_events() leaves the socket non-blocking
             self._sock.sendall(data)
         except OSError as exc:
             raise QmpConnectionError(

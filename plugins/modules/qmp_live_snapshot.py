@@ -72,7 +72,9 @@ options:
         into the layer below it, so nothing written since the snapshot is lost, and the overlay file is deleted.
       - V(reverted) loads an internal snapshot with O(vmstate=true) back into the running VM (RAM, devices and
         disks). Disk-only and external snapshots cannot be reverted live and fail with a pointer to the offline
-        modules.
+        modules. When O(devices) leaves out writable disks, the task warns, because they keep their newer data, which may
+        not match the restored RAM.
+      - With O(vmstate=true), V(present) refuses an existing snapshot of that name that holds no RAM state.
     type: str
     choices: [present, absent, reverted]
     default: present
@@ -97,8 +99,10 @@ options:
       - O(mode=external) only. The folder for the new overlay files; default is the folder of each disk's current
         active file.
       - Overlays are named C(<disk file name without .qcow2>.vmsnap-<name>.qcow2), from the disk's own file name
-        (not from overlays stacked on it), so the same task always finds its own overlays again. An existing file
-        of that name that is not part of the disk's chain is never overwritten.
+        (not from overlays stacked on it), so the same task always finds its own overlays again.
+      - The task creates each overlay file exclusively, with its disk's owner and mode, before QEMU formats it, and
+        deletes only files it created (after QEMU refused the snapshot, or after a merge). An existing file of that
+        name that is not part of the disk's chain is never overwritten.
     type: path
   quiesce:
     description:
@@ -131,6 +135,8 @@ notes:
   - The module must run on the hypervisor that holds the sockets and the disk files.
   - O(mode=external) with O(state=absent) merges one disk after the other. When a merge fails, the result lists
     the disks already merged (RV(merged_on)).
+  - A failed task reports C(changed=true) whenever something may have been done - a job that timed out, a revert,
+    a merge, or any difference in the disks' chains and snapshot names from before the task.
   - After a failed C(snapshot-load), QEMU can leave the VM paused in status C(restore-vm) with its disks partly
     reverted. The module reports that status in the failure and does not resume the VM.
   - Internal snapshots and dirty bitmaps (incremental backups) do not mix. Taking a snapshot works, but QEMU refuses
@@ -274,6 +280,34 @@ merged_on:
   type: list
   elements: str
   sample: [drive0]
+removed_overlays:
+  description: On a failed external O(state=present), the overlay files this task had created and removed again.
+  returned: failure
+  type: list
+  elements: str
+  sample: [/var/lib/vms/db01-system.vmsnap-nightly.qcow2]
+leftover_overlays:
+  description: On a failed external O(state=present), overlay files this task created but could not remove, with
+    the reason; delete them by hand.
+  returned: failure
+  type: list
+  elements: str
+  sample: []
+snapshot_taken:
+  description: On a failure after the snapshot was taken (thawing the guest failed), V(true).
+  returned: failure
+  type: bool
+  sample: true
+guest_may_be_frozen:
+  description: V(true) when a failed freeze could not be undone either; run C(guest-fsfreeze-thaw) in the guest.
+  returned: failure
+  type: bool
+  sample: true
+job_id:
+  description: The QMP job that failed, timed out or disappeared; check it with C(query-jobs).
+  returned: failure
+  type: str
+  sample: vmsnap-commit-4242-17
 """
 
 import os
@@ -289,8 +323,9 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._live import (
     LiveRequest,
     execute_live,
     plan_live,
+    vm_fingerprint,
 )
-from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient
+from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient, QmpTimeoutError
 from ansible_collections.vmsnap.qemu.plugins.module_utils._validate import (
     validate_image_path,
     validate_snapshot_name,
@@ -327,8 +362,10 @@ def main() -> t.NoReturn:
                 module.warn(warning)
             outcome = LiveOutcome()
             if plan.changed and not module.check_mode:
-                outcome = _act(module, qmp, plan, agent)
+                outcome = _act(module, qmp, plan, agent, vm_fingerprint(vm))
                 result["vm_status"] = _vm_status(qmp)
+                for warning in outcome.warnings:
+                    module.warn(warning)
                 if outcome.left_paused:
                     module.warn(
                         f"QEMU paused the guest for this task and has not resumed it (status {result['vm_status']}); "
@@ -401,20 +438,39 @@ def _prepare_quiesce(module: AnsibleModule, plan: LivePlan, connect_timeout: flo
     return agent
 
 
-def _act(module: AnsibleModule, qmp: QmpClient, plan: LivePlan, agent: GuestAgentClient | None) -> LiveOutcome:
-    """Execute the plan; a failure reports changed=true when something was already done."""
+def _act(
+    module: AnsibleModule,
+    qmp: QmpClient,
+    plan: LivePlan,
+    agent: GuestAgentClient | None,
+    before: list[tuple[t.Any, ...]],
+) -> LiveOutcome:
+    """Execute the plan; a failure reports changed=true when anything may have been done."""
     timeout = plan.request.timeout
     try:
         return execute_live(qmp, plan, GuestFreezer(agent, timeout) if agent is not None else None)
     except VmsnapError as exc:
         exc.details.setdefault("vm_status", _vm_status(qmp))
         half_done = bool(exc.details.get("merged_on") or exc.details.get("snapshot_taken"))
-        # A failed snapshot-load may have reverted some disks already.
-        changed = half_done or plan.request.state == "reverted"
+        # A failed snapshot-load may have reverted some disks already; a job that timed out may still be running;
+        # a failed snapshot-save or -delete can leave some disks done (QEMU does not undo the others).
+        changed = (
+            half_done
+            or plan.request.state == "reverted"
+            or isinstance(exc, QmpTimeoutError)
+            or _fingerprint_or_none(qmp) != before
+        )
         exc.do_fail(module, changed=changed, devices=[device.result() for device in plan.devices])
     finally:
         if agent is not None:
             agent.close()
+
+
+def _fingerprint_or_none(qmp: QmpClient) -> list[tuple[t.Any, ...]] | None:
+    try:
+        return vm_fingerprint(describe_vm(qmp))
+    except VmsnapError:
+        return None  # cannot tell: counts as changed
 
 
 def _vm_status(qmp: QmpClient) -> str | None:

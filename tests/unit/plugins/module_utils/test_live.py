@@ -207,11 +207,17 @@ def test_internal_present_without_vmstate_names_no_vmstate_node(live: Load) -> N
     assert live_plan.vmstate_node is None
 
 
-@pytest.mark.parametrize("name", ["ckpt", "diskonly", "ckpt2"])
-def test_internal_present_is_unchanged_when_the_snapshot_is_on_every_disk(live: Load, name: str) -> None:
-    live_plan = plan(live("mixed-snapshots"), name=name, devices=("drive0", "disk2"))
+@pytest.mark.parametrize("name, vmstate", [("ckpt", True), ("diskonly", False), ("ckpt2", True), ("ckpt", False)])
+def test_internal_present_is_unchanged_when_the_snapshot_is_on_every_disk(live: Load, name: str, vmstate: bool) -> None:
+    live_plan = plan(live("mixed-snapshots"), name=name, devices=("drive0", "disk2"), vmstate=vmstate)
     assert actions(live_plan) == {"drive0": "none", "disk2": "none"}
     assert not live_plan.changed and live_plan.vmstate_node is None
+
+
+def test_internal_present_with_vmstate_refuses_an_existing_disk_only_snapshot(live: Load) -> None:
+    # "present" must not claim a checkpoint that a later live revert cannot load.
+    with pytest.raises(ValidationError, match="exists on every chosen disk, but holds no RAM state"):
+        plan(live("mixed-snapshots"), name="diskonly", devices=("drive0", "disk2"))
 
 
 @pytest.mark.parametrize(
@@ -258,8 +264,18 @@ def test_reverted_loads_from_the_disk_that_holds_the_vmstate(
 
 
 def test_reverted_of_a_disk_only_snapshot_is_refused(live: Load) -> None:
-    with pytest.raises(ValidationError, match="holds no RAM state \\(it is disk-only\\)"):
+    with pytest.raises(ValidationError, match="holds no RAM state on the chosen disks \\(it is disk-only"):
         plan(live("mixed-snapshots"), name="diskonly", state="reverted", devices=("drive0", "disk2"))
+
+
+def test_reverted_warns_about_writable_disks_left_out(live: Load) -> None:
+    live_plan = plan(live("mixed-snapshots"), name="ckpt", state="reverted", devices=("drive0", "disk2"))
+    assert actions(live_plan) == {"drive0": "revert", "disk2": "revert"}
+    (warning,) = live_plan.warnings
+    assert "leaves the writable disks drive1 as they are now" in warning
+    without_raw = live("mixed-snapshots")
+    without_raw.vm["block_devices"] = [d for d in without_raw.vm["block_devices"] if d["device"] != "drive1"]
+    assert plan(without_raw, name="ckpt", state="reverted", devices=("drive0", "disk2")).warnings == []
 
 
 def test_reverted_when_missing_on_a_disk_is_refused(live: Load) -> None:

@@ -327,11 +327,11 @@ def test_a_failed_external_transaction_removes_the_overlays_qemu_created(connect
     with pytest.raises(LiveSnapshotError) as info:
         execute_live(qmp, live_plan, None)
     err = info.value
-    assert err.details["removed_overlays"] == overlays[:2]  # the third was never created: not a problem
+    assert err.details["removed_overlays"] == overlays  # all three were created by this task (claimed empty)
     assert not any(os.path.lexists(path) for path in overlays)
     assert (tmp_path / "disk0.qcow2").read_bytes() == b"the disk itself"
     assert f"QEMU refused the external snapshot: {desc}." in err.msg
-    assert "so no disk got an overlay; 2 overlay file(s) QEMU had already created were removed" in err.msg
+    assert "so no disk got an overlay; the 3 overlay file(s) this task had created were removed" in err.msg
     ((command, arguments),) = server.sent("transaction")
     assert arguments["actions"] == [
         {
@@ -353,9 +353,27 @@ def test_a_failed_external_transaction_that_created_nothing(connect, live, tmp_p
     vm = FakeVm(recording.nodes)
     vm.hooks["transaction"] = _transaction_that_fails(created=0, desc="Permission denied")
     dummy, qmp = connect(vm)
-    with pytest.raises(LiveSnapshotError, match="no disk got an overlay; 0 overlay file\\(s\\)") as info:
-        execute_live(qmp, plan(recording, mode="external", devices=("drive0", "disk2")), None)
-    assert info.value.details["removed_overlays"] == []
+    live_plan = plan(recording, mode="external", devices=("drive0", "disk2"))
+    with pytest.raises(LiveSnapshotError, match="no disk got an overlay; the 2 overlay file\\(s\\)") as info:
+        execute_live(qmp, live_plan, None)
+    assert info.value.details["removed_overlays"] == [device.overlay for device in live_plan.devices]
+
+
+def test_an_overlay_file_that_appears_after_planning_is_never_touched(connect, live, tmp_path) -> None:
+    recording = live("mixed-fresh", root=tmp_path)
+    live_plan = plan(recording, mode="external", devices=("drive0", "disk2"))
+    first, second = (t.cast(str, device.overlay) for device in live_plan.devices)
+    with open(second, "w") as other:  # another VM's task made it in the meantime
+        other.write("someone else's overlay")
+    server, qmp = connect(FakeVm(recording.nodes))
+    with pytest.raises(LiveSnapshotError, match="it appeared after this task checked") as info:
+        execute_live(qmp, live_plan, None)
+    assert "No snapshot was taken" in info.value.msg
+    assert info.value.details["removed_overlays"] == [first]  # this task's own claim, and only that
+    assert not os.path.lexists(first)
+    with open(second) as other:
+        assert other.read() == "someone else's overlay"
+    assert server.sent("transaction") == []
 
 
 def test_an_overlay_left_by_a_failed_transaction_that_cannot_be_removed_is_reported(
@@ -470,8 +488,8 @@ def test_a_failed_external_transaction_under_quiesce_removes_overlays_and_thaws(
     with pytest.raises(LiveSnapshotError) as info:
         execute_live(qmp, live_plan, FakeFreezer(journal))
     assert journal == ["freeze", "transaction", "thaw"]
-    assert info.value.details["removed_overlays"] == [live_plan.devices[0].overlay]
-    assert not os.path.lexists(t.cast(str, live_plan.devices[0].overlay))
+    assert info.value.details["removed_overlays"] == [device.overlay for device in live_plan.devices]
+    assert not any(os.path.lexists(t.cast(str, device.overlay)) for device in live_plan.devices)
 
 
 def test_any_failure_while_frozen_still_thaws(connect, live, tmp_path, monkeypatch) -> None:

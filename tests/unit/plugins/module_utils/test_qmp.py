@@ -152,6 +152,76 @@ def test_job_timeout_says_it_is_still_running(serve) -> None:
     assert "job-dismiss" not in server.commands()
 
 
+def test_a_job_that_vanishes_is_not_reported_as_done(serve) -> None:
+    class Vanishing(JobServer):
+        def __call__(self, message: dict, server: FakeQmp) -> list[dict]:
+            if message["execute"] == "query-jobs" and self.status == "running":
+                self.status = "dismissed"  # someone else dismissed it before this client read its result
+            return super().__call__(message, server)
+
+    server = serve(Vanishing(steps=10))
+    with QmpClient(server.path) as qmp, pytest.raises(QmpJobError, match="disappeared .* succeeded is unknown"):
+        qmp.run_job("snapshot-save", {"job-id": "j1", "tag": "a", "vmstate": "d", "devices": ["d"]}, timeout=5)
+    assert "job-dismiss" not in server.commands()
+
+
+class ReadyJobServer:
+    """An active commit: running -> ready after a delay; after job-complete, concluded 0.3 s later."""
+
+    def __init__(self, ready_after: float) -> None:
+        self.ready_at = 0.0
+        self.ready_after = ready_after
+        self.concluded_at = float("inf")
+        self.status = "none"
+
+    def __call__(self, message: dict, server: FakeQmp) -> list[dict]:
+        command = message["execute"]
+        if command == "block-commit":
+            self.status, self.ready_at = "running", time.monotonic() + self.ready_after
+        elif command == "query-jobs":
+            if self.status == "running" and time.monotonic() >= self.ready_at:
+                self.status = "ready"
+            if self.status == "completing" and time.monotonic() >= self.concluded_at:
+                self.status = "concluded"
+            if self.status == "dismissed":
+                return [reply(message, [])]
+            return [reply(message, [{"id": "c1", "type": "commit", "status": self.status}])]
+        elif command == "job-complete":
+            assert self.status == "ready", self.status
+            self.status, self.concluded_at = "completing", time.monotonic() + 0.3
+        elif command == "job-dismiss":
+            self.status = "dismissed"
+        return [reply(message, {})]
+
+
+def test_a_job_ready_near_the_deadline_is_still_completed(serve) -> None:
+    server = serve(ReadyJobServer(ready_after=1.2))
+    with QmpClient(server.path) as qmp:
+        job = qmp.run_job("block-commit", {"job-id": "c1", "device": "d"}, timeout=1.5, complete_when_ready=True)
+    assert job["status"] == "concluded"  # the switch-over after job-complete got time beyond the deadline
+    assert "job-complete" in server.commands() and server.commands()[-1] == "job-dismiss"
+
+
+def test_a_job_never_ready_times_out_within_its_timeout(serve) -> None:
+    server = serve(ReadyJobServer(ready_after=60))
+    started = time.monotonic()
+    with QmpClient(server.path) as qmp, pytest.raises(QmpTimeoutError, match="c1 is still running"):
+        qmp.run_job("block-commit", {"job-id": "c1", "device": "d"}, timeout=1, complete_when_ready=True)
+    assert time.monotonic() - started < 3  # one timeout, not two
+    assert "job-complete" not in server.commands()
+
+
+def test_commands_still_block_after_polling_for_events(serve) -> None:
+    big = "x" * 4_000_000  # larger than a socket buffer: a non-blocking send would fail half-way
+
+    def handler(message, server):
+        return [reply(message, len(message.get("arguments", {}).get("blob", "")))]
+
+    with QmpClient(serve(handler).path) as qmp:
+        qmp.poll_events()
+        assert qmp.execute("echo", {"blob": big}) == len(big)
+
+
 def test_against_a_real_qemu(tmp_path) -> None:
     image = str(tmp_path / "d.qcow2")
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", image, "16M"], check=True)
