@@ -27,6 +27,7 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._live import (
     pause_ms,
     plan_live,
     still_paused,
+    vm_fingerprint,
 )
 from ansible_collections.vmsnap.qemu.tests.unit.plugins.module_utils.qmp_fakes import Recording
 
@@ -678,3 +679,11 @@ def test_pause_ms_counts_an_open_stop_until_the_given_moment() -> None:
     assert still_paused(open_stop) is True
     assert still_paused(open_stop[:2]) is False
     assert still_paused([]) is False
+
+
+def test_the_fingerprint_sees_new_snapshots_and_overlays(live: Load) -> None:
+    fresh, snaps, chain = live("mixed-fresh"), live("mixed-snapshots"), live("chain-two-overlays")
+    assert vm_fingerprint(fresh.vm) == vm_fingerprint(live("mixed-fresh").vm)
+    assert vm_fingerprint(fresh.vm) != vm_fingerprint(snaps.vm)
+    merged = live("chain-e1-merged")
+    assert vm_fingerprint(chain.vm) != vm_fingerprint(merged.vm)

@@ -721,3 +721,26 @@ def test_a_late_resume_is_waited_for(connect, live) -> None:
     worker.join(10)
     assert outcome_box and outcome_box[0].downtime_ms == 100.0
     assert outcome_box[0].left_paused is False
+
+
+def test_best_effort_goes_on_crash_consistent_when_the_freeze_fails(connect, live) -> None:
+    live_plan = plan(
+        live("mixed-fresh"), devices=("drive0", "disk2"), vmstate=False, quiesce="best_effort", guest_agent_socket=AGENT
+    )
+    journal: list[str] = []
+    dummy, qmp = connect(FakeVm(journal=journal))
+    outcome = execute_live(qmp, live_plan, FakeFreezer(journal, freeze_error="fsfreeze is not supported"))
+    assert journal == ["freeze", "transaction"]  # snapshot taken, nothing to thaw
+    assert outcome.frozen is False and outcome.frozen_ms is None
+    assert outcome.warnings == [
+        "quiesce=best_effort: the guest could not be frozen (fsfreeze is not supported); the snapshot is "
+        "crash-consistent."
+    ]
+
+
+def test_required_fails_before_the_snapshot_when_the_freeze_fails(connect, live) -> None:
+    journal: list[str] = []
+    dummy, qmp = connect(FakeVm(journal=journal))
+    with pytest.raises(GuestAgentError, match="fsfreeze is not supported"):
+        execute_live(qmp, _quiesced_plan(live), FakeFreezer(journal, freeze_error="fsfreeze is not supported"))
+    assert "transaction" not in journal
