@@ -72,8 +72,8 @@ options:
         into the layer below it, so nothing written since the snapshot is lost, and the overlay file is deleted.
       - V(reverted) loads an internal snapshot with O(vmstate=true) back into the running VM (RAM, devices and
         disks). Disk-only and external snapshots cannot be reverted live and fail with a pointer to the offline
-        modules. When O(devices) leaves out writable disks, the task warns, because they keep their newer data, which may
-        not match the restored RAM.
+        modules. When O(devices) leaves out writable disks, the task warns, because they keep their newer data,
+        which may not match the restored RAM.
       - With O(vmstate=true), V(present) refuses an existing snapshot of that name that holds no RAM state.
     type: str
     choices: [present, absent, reverted]
