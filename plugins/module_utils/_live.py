@@ -522,15 +522,16 @@ def _quiesced(plan: LivePlan, freezer: Freezer | None, outcome: LiveOutcome) -> 
     frozen_at = time.monotonic()
     try:
         outcome.frozen_filesystems = freezer.freeze()
+        outcome.frozen = True
     except VmsnapError as exc:
         if plan.request.quiesce != "best_effort" or exc.details.get("guest_may_be_frozen"):
             raise
         outcome.warnings.append(
             f"quiesce=best_effort: the guest could not be frozen ({exc.msg}); the snapshot is crash-consistent."
         )
+    if not outcome.frozen:
         yield
         return
-    outcome.frozen = True
     try:
         yield
     except BaseException as exc:  # whatever went wrong, the guest must not stay frozen
