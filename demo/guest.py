@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "vm"))
 sys.path.insert(0, os.environ.get("ANSIBLE_COLLECTIONS_PATH", str(REPO / "build" / "src")).split(":")[0])
 
-from tiny_guest import AGENT_PORT_NAME, build_tiny_guest, default_cache_dir, make_ext4_qcow2  # noqa: E402
+from tiny_guest import GuestVM, build_tiny_guest, default_cache_dir, make_ext4_qcow2  # noqa: E402
 
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import VmsnapError  # noqa: E402
 from ansible_collections.vmsnap.qemu.plugins.module_utils._guest_agent import GuestAgentClient  # noqa: E402
@@ -40,21 +40,10 @@ def start(folder: Path) -> dict[str, object]:
     folder.mkdir(parents=True, exist_ok=True)
     image = build_tiny_guest(default_cache_dir())
     disk = make_ext4_qcow2(folder / "app-data.qcow2", size_mib=64)
-    qmp, qga, pidfile = folder / "vm.qmp", folder / "vm.qga", folder / "vm.pid"
-    argv = [
-        "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-M", "q35", "-smp", "1", "-m", "256",
-        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", "console=ttyS0 panic=-1 quiet",
-        "-serial", f"file:{folder / 'console.log'}", "-serial", "null",
-        "-qmp", f"unix:{qmp},server=on,wait=off",
-        "-blockdev", f"driver=file,filename={disk},node-name=app-file",
-        "-blockdev", "driver=qcow2,file=app-file,node-name=app-disk",
-        "-device", "virtio-blk-pci,drive=app-disk,id=app",
-        "-device", "virtio-serial-pci,id=vs0",
-        "-chardev", f"socket,id=qga0,path={qga},server=on,wait=off",
-        "-device", f"virtserialport,bus=vs0.0,chardev=qga0,name={AGENT_PORT_NAME}",
-        "-daemonize", "-pidfile", str(pidfile),
-    ]  # fmt: skip
+    # The tests' own command line for this guest, minus the serial shell (nobody listens), daemonized.
+    guest = GuestVM(image, [disk], folder, memory_mib=256)
+    qmp, qga, pidfile = guest.qmp_socket, guest.qga_socket, folder / "vm.pid"
+    argv = [*guest.argv(serial_shell=False), "-daemonize", "-pidfile", str(pidfile)]
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + BOOT_SECONDS
     while True:  # the agent answers once the guest has booted; its init mounts the disk before starting it
@@ -65,7 +54,7 @@ def start(folder: Path) -> dict[str, object]:
         if code == 0:
             break
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the demo VM did not come up within {BOOT_SECONDS:g} s; see {folder}/console.log")
+            raise RuntimeError(f"the demo VM did not come up within {BOOT_SECONDS:g} s; see {guest.console_log}")
         time.sleep(0.5)
     return {"qmp": str(qmp), "qga": str(qga), "disk": str(disk), "pid": int(pidfile.read_text())}
 

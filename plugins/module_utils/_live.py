@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import ValidationError, VmsnapError
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient, QmpError
+from ansible_collections.vmsnap.qemu.plugins.module_utils._vm import status_or_none
 
 SNAPSHOT_JOBS_SINCE = (6, 0, 0)
 _LATE_RESUME_SECONDS = 2.0
@@ -770,21 +771,14 @@ def _revert(qmp: QmpClient, plan: LivePlan) -> None:
             request.timeout,
         )
     except VmsnapError as exc:
-        status = _status_or_none(qmp)
-        if plan.vm_running and status is not None and status.get("status") != "running":
+        status = status_or_none(qmp)
+        if plan.vm_running and status is not None and status != "running":
             exc.msg += (
-                f" QEMU left the VM paused (status {status.get('status')!r}); its disks may already be partly "
+                f" QEMU left the VM paused (status {status!r}); its disks may already be partly "
                 "reverted, so do not simply resume it: revert again, or stop it and restore offline."
             )
-        exc.details["vm_status"] = (status or {}).get("status")
+        exc.details["vm_status"] = status
         raise
-
-
-def _status_or_none(qmp: QmpClient) -> dict[str, t.Any] | None:
-    try:
-        return t.cast("dict[str, t.Any]", qmp.execute("query-status"))
-    except VmsnapError:
-        return None
 
 
 def pause_ms(events: list[dict[str, t.Any]], until: float | None = None) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import typing as t
 
+from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import VmsnapError
 from ansible_collections.vmsnap.qemu.plugins.module_utils._image import parse_layer
 
 if t.TYPE_CHECKING:
@@ -29,6 +30,14 @@ def describe_vm(qmp: QmpClient) -> dict[str, t.Any]:
         ],
         "jobs": describe_jobs(qmp),
     }
+
+
+def status_or_none(qmp: QmpClient) -> str | None:
+    """The VM's run status, or None when it cannot be read (used after a failure, so it must not raise)."""
+    try:
+        return str(qmp.execute("query-status").get("status"))
+    except VmsnapError:
+        return None
 
 
 def describe_block_device(entry: dict[str, t.Any]) -> dict[str, t.Any]:

@@ -330,7 +330,7 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._validate import (
     validate_image_path,
     validate_snapshot_name,
 )
-from ansible_collections.vmsnap.qemu.plugins.module_utils._vm import describe_vm
+from ansible_collections.vmsnap.qemu.plugins.module_utils._vm import describe_vm, status_or_none
 
 ARGUMENT_SPEC: dict[str, t.Any] = dict(
     socket=dict(type="path", required=True),
@@ -363,7 +363,7 @@ def main() -> t.NoReturn:
             outcome = LiveOutcome()
             if plan.changed and not module.check_mode:
                 outcome = _act(module, qmp, plan, agent, vm_fingerprint(vm))
-                result["vm_status"] = _vm_status(qmp)
+                result["vm_status"] = status_or_none(qmp)
                 for warning in outcome.warnings:
                     module.warn(warning)
                 if outcome.left_paused:
@@ -450,7 +450,7 @@ def _act(
     try:
         return execute_live(qmp, plan, GuestFreezer(agent, timeout) if agent is not None else None)
     except VmsnapError as exc:
-        exc.details.setdefault("vm_status", _vm_status(qmp))
+        exc.details.setdefault("vm_status", status_or_none(qmp))
         half_done = bool(exc.details.get("merged_on") or exc.details.get("snapshot_taken"))
         # A failed snapshot-load may have reverted some disks already; a job that timed out may still be running;
         # a failed snapshot-save or -delete can leave some disks done (QEMU does not undo the others).
@@ -471,13 +471,6 @@ def _fingerprint_or_none(qmp: QmpClient) -> list[tuple[t.Any, ...]] | None:
         return vm_fingerprint(describe_vm(qmp))
     except VmsnapError:
         return None  # cannot tell: counts as changed
-
-
-def _vm_status(qmp: QmpClient) -> str | None:
-    try:
-        return t.cast(str, qmp.execute("query-status").get("status"))
-    except VmsnapError:
-        return None
 
 
 if __name__ == "__main__":

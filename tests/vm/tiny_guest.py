@@ -376,14 +376,19 @@ class GuestVM:
             raise GuestError("guest not started")
         return self._proc.poll()
 
-    def argv(self) -> list[str]:
+    def argv(self, serial_shell: bool = True) -> list[str]:
+        """QEMU's command line. serial_shell=False: no shell on the second serial port (nobody listens for it)."""
+        second_serial = (
+            ["-chardev", f"socket,id=ctl,path={self.ctl_socket}", "-serial", "chardev:ctl"]
+            if serial_shell
+            else ["-serial", "null"]
+        )
         argv = [
             self.qemu, "-accel", "tcg", "-cpu", "max", "-M", "q35", "-smp", "1", "-m", str(self.memory_mib),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-kernel", os.fspath(self.image.kernel), "-initrd", os.fspath(self.image.initrd),
             "-append", "console=ttyS0 panic=-1 quiet",
-            "-serial", f"file:{self.console_log}",
-            "-chardev", f"socket,id=ctl,path={self.ctl_socket}", "-serial", "chardev:ctl",
+            "-serial", f"file:{self.console_log}", *second_serial,
             "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
         ]  # fmt: skip
         for i, disk in enumerate(self.disks):
