@@ -67,7 +67,6 @@ shutil.copytree(SOURCE / "ansible_collections" / "vmsnap" / "qemu", COLLECTIONS 
 os.environ["ANSIBLE_COLLECTIONS_PATH"] = str(COLLECTIONS)
 sys.path.insert(0, str(COLLECTIONS))  # the pause_ms() and QMP client the module itself runs
 _qmp = importlib.import_module("ansible_collections.vmsnap.qemu.plugins.module_utils._qmp")
-_live = importlib.import_module("ansible_collections.vmsnap.qemu.plugins.module_utils._live")
 
 
 class EventObserver:
@@ -100,7 +99,7 @@ class EventObserver:
         return len(self.events)
 
     def pause_ms(self, start: int, end: int) -> float:
-        return _live.pause_ms([e for e in self.events[start:end] if e["event"] in ("STOP", "RESUME")])
+        return _qmp.pause_ms([e for e in self.events[start:end] if e["event"] in ("STOP", "RESUME")])
 
     def close(self) -> None:
         self._sock.close()
@@ -191,7 +190,7 @@ def hmp_round(vm: t.Any, rnd: str, observer: EventObserver) -> dict[str, t.Any]:
     remove_wall = (time.perf_counter() - remove_started) * 1000
     end = observer.mark()
     return {
-        "downtime": _live.pause_ms(events),
+        "downtime": _qmp.pause_ms(events),
         "elapsed": elapsed,
         "frozen": None,
         "wall": wall,

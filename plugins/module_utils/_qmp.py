@@ -19,6 +19,7 @@ import json
 import os
 import socket
 import stat
+import struct
 import time
 import typing as t
 
@@ -107,14 +108,23 @@ class QmpClient:
         qemu = self.greeting.get("version", {}).get("qemu", {})
         return (int(qemu.get("major", 0)), int(qemu.get("minor", 0)), int(qemu.get("micro", 0)))
 
-    def execute(self, command: str, arguments: dict[str, t.Any] | None = None, timeout: float | None = None) -> t.Any:
-        """Send one command and return its 'return' value; events that arrive meanwhile are kept in self.events."""
+    def execute(
+        self,
+        command: str,
+        arguments: dict[str, t.Any] | None = None,
+        timeout: float | None = None,
+        fd: int | None = None,
+    ) -> t.Any:
+        """Send one command and return its 'return' value; events that arrive meanwhile are kept in self.events.
+
+        fd: a file descriptor sent along (SCM_RIGHTS), as getfd and add-fd expect.
+        """
         self._next_id += 1
         message_id = f"vmsnap-{self._next_id}"
         message: dict[str, t.Any] = {"execute": command, "id": message_id}
         if arguments is not None:
             message["arguments"] = arguments
-        self._send(message, command)
+        self._send_raw(json.dumps(message).encode("utf-8") + b"\n", command, fd)
         deadline = time.monotonic() + (self.command_timeout if timeout is None else timeout)
         while True:
             reply = self._read_message(deadline, waiting_for=f"the reply to {command}")
@@ -239,15 +249,29 @@ class QmpClient:
         job = self.query_job(job_id)
         return "null" if job is None else str(job.get("status"))
 
-    def _send(self, message: dict[str, t.Any], command: str) -> None:
-        self._send_raw(json.dumps(message).encode("utf-8") + b"\n", command)
+    def peer_pid(self) -> int | None:
+        """The pid of the process at the other end of the socket (QEMU), from SO_PEERCRED; None if unknown."""
+        if self._sock is None or not hasattr(socket, "SO_PEERCRED"):
+            return None
+        try:
+            creds = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return None
+        pid = struct.unpack("3i", creds)[0]
+        return pid if pid > 0 else None
 
-    def _send_raw(self, data: bytes, command: str) -> None:
+    def _send_raw(self, data: bytes, command: str, fd: int | None = None) -> None:
         if self._sock is None:
             raise QmpConnectionError(f"Not connected to {self.path}.", socket=self.path)
         try:
             self._sock.settimeout(self.command_timeout)  # poll_events() leaves the socket non-blocking
-            self._sock.sendall(data)
+            if fd is None:
+                self._sock.sendall(data)
+            else:
+                # One message carries the whole command and the descriptor, so QEMU reads them together.
+                sent = socket.send_fds(self._sock, [data], [fd])
+                if sent != len(data):
+                    self._sock.sendall(data[sent:])
         except OSError as exc:
             raise QmpConnectionError(
                 f"Lost the connection to {self.path} while sending {command}: {exc.strerror or exc}.",
@@ -305,3 +329,33 @@ def _require_socket(path: str, kind: str) -> None:
         raise QmpConnectionError(f"{kind} {path} cannot be read: {exc.strerror}.", socket=path) from None
     if not stat.S_ISSOCK(mode):
         raise QmpConnectionError(f"{path} is not a socket; give the path of the VM's {kind}.", socket=path)
+
+
+def pause_ms(events: list[dict[str, t.Any]], until: float | None = None) -> float:
+    """Total time between each STOP and the RESUME after it, from QEMU's own event timestamps.
+
+    A STOP without a RESUME counts until `until` (epoch seconds, QEMU's clock on this host) when given.
+    """
+    total = 0.0
+    stopped_at: float | None = None
+    for event in events:
+        moment = _event_time(event)
+        if event.get("event") == "STOP" and stopped_at is None:
+            stopped_at = moment
+        elif event.get("event") == "RESUME" and stopped_at is not None:
+            total += moment - stopped_at
+            stopped_at = None
+    if stopped_at is not None and until is not None:
+        total += max(until - stopped_at, 0.0)
+    return round(total * 1000, 3)
+
+
+def still_paused(events: list[dict[str, t.Any]]) -> bool:
+    """Whether the last STOP/RESUME event is a STOP."""
+    names = [event.get("event") for event in events if event.get("event") in ("STOP", "RESUME")]
+    return bool(names) and names[-1] == "STOP"
+
+
+def _event_time(event: dict[str, t.Any]) -> float:
+    stamp = event.get("timestamp") or {}
+    return float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6

@@ -318,13 +318,12 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import ValidationError, VmsnapError
 from ansible_collections.vmsnap.qemu.plugins.module_utils._guest_agent import GuestAgentClient, GuestFreezer
 from ansible_collections.vmsnap.qemu.plugins.module_utils._live import (
-    LiveOutcome,
     LivePlan,
     LiveRequest,
-    execute_live,
     plan_live,
     vm_fingerprint,
 )
+from ansible_collections.vmsnap.qemu.plugins.module_utils._live_execute import LiveOutcome, execute_live
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient, QmpTimeoutError
 from ansible_collections.vmsnap.qemu.plugins.module_utils._validate import (
     validate_image_path,

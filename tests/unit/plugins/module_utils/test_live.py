@@ -24,11 +24,10 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._live import (
     disk_stem,
     find_overlay,
     overlay_path,
-    pause_ms,
     plan_live,
-    still_paused,
     vm_fingerprint,
 )
+from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import pause_ms, still_paused
 from ansible_collections.vmsnap.qemu.tests.unit.plugins.module_utils.qmp_fakes import Recording
 
 OLD_QEMU = (5, 2, 0)

@@ -20,17 +20,16 @@ import typing as t
 
 import pytest
 
-from ansible_collections.vmsnap.qemu.plugins.module_utils import _live
+from ansible_collections.vmsnap.qemu.plugins.module_utils import _live, _live_execute
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import VmsnapError
 from ansible_collections.vmsnap.qemu.plugins.module_utils._guest_agent import GuestAgentError
 from ansible_collections.vmsnap.qemu.plugins.module_utils._live import (
-    LiveOutcome,
     LivePlan,
     LiveRequest,
     LiveSnapshotError,
-    execute_live,
     plan_live,
 )
+from ansible_collections.vmsnap.qemu.plugins.module_utils._live_execute import LiveOutcome, execute_live
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient, QmpError, QmpJobError
 from ansible_collections.vmsnap.qemu.tests.unit.plugins.module_utils.qmp_fakes import (
     FakeQmp,
@@ -238,7 +237,7 @@ def unlink_fails_for(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
             raise PermissionError(errno.EACCES, "Permission denied", path)
         real_unlink(target, *args, **kwargs)
 
-    monkeypatch.setattr(_live.os, "unlink", unlink)
+    monkeypatch.setattr(_live_execute.os, "unlink", unlink)
 
 
 # --- 1. snapshot-load that fails ------------------------------------------------------------------------------

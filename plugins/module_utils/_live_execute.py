@@ -1,0 +1,354 @@
+# Copyright (c) 2026, vmsnap.qemu contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+# Note that this module util is **PRIVATE** to the collection. It can have breaking changes at any time.
+# Do not use this from other collections or standalone plugins/modules!
+"""Live snapshots, the acting half: execute_live() carries out a LivePlan (see _live.py) over one QMP client.
+
+Internal snapshots are QMP jobs (snapshot-save/-load/-delete) or one transaction; external ones are one
+transaction of overlays (files claimed exclusively first), merged back with block-commit. With vmstate, an
+external snapshot also writes the RAM state file of the same instant through _vmstate.save_state().
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import typing as t
+from dataclasses import dataclass, field
+
+from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import VmsnapError
+from ansible_collections.vmsnap.qemu.plugins.module_utils._live import (
+    SNAPSHOT_JOBS_SINCE,
+    DevicePlan,
+    LivePlan,
+    LiveSnapshotError,
+    overlay_node_name,
+)
+from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient, QmpError, pause_ms, still_paused
+from ansible_collections.vmsnap.qemu.plugins.module_utils._vm import status_or_none
+
+_LATE_RESUME_SECONDS = 2.0
+
+
+@dataclass
+class LiveOutcome:
+    downtime_ms: float = 0.0
+    elapsed_ms: float = 0.0
+    frozen: bool = False
+    frozen_filesystems: int | None = None
+    frozen_ms: float | None = None
+    left_paused: bool = False
+    warnings: list[str] = field(default_factory=list)
+    deleted_overlays: list[str] = field(default_factory=list)
+
+
+class Freezer(t.Protocol):
+    def freeze(self) -> int: ...
+
+    def thaw(self) -> int: ...
+
+
+def execute_live(qmp: QmpClient, plan: LivePlan, freezer: Freezer | None) -> LiveOutcome:
+    """Act on the plan. freezer is a connected guest agent when the plan quiesces (already probed)."""
+    outcome = LiveOutcome()
+    request = plan.request
+    qmp.poll_events()
+    qmp.take_events(("STOP", "RESUME"))
+    started = time.monotonic()
+    try:
+        if request.state == "present":
+            with _quiesced(plan, freezer, outcome):
+                _create(qmp, plan)
+        elif request.state == "absent":
+            _remove(qmp, plan, outcome)
+        else:
+            _revert(qmp, plan)
+    finally:
+        outcome.elapsed_ms = round((time.monotonic() - started) * 1000, 3)
+        outcome.downtime_ms, outcome.left_paused = _pause_of_this_task(qmp)
+    return outcome
+
+
+def _pause_of_this_task(qmp: QmpClient) -> tuple[float, bool]:
+    """(pause in ms, whether QEMU stopped the guest and has not resumed it yet: then the pause counts to now)."""
+    events: list[dict[str, t.Any]] = []
+    with contextlib.suppress(VmsnapError):
+        qmp.poll_events()
+        events = qmp.take_events(("STOP", "RESUME"))
+        if still_paused(events):
+            resume = qmp.wait_event(lambda event: event.get("event") == "RESUME", _LATE_RESUME_SECONDS)
+            if resume is not None:
+                events.append(resume)
+    left_paused = still_paused(events)
+    return pause_ms(events, until=time.time() if left_paused else None), left_paused
+
+
+@contextlib.contextmanager
+def _quiesced(plan: LivePlan, freezer: Freezer | None, outcome: LiveOutcome) -> t.Iterator[None]:
+    """Freeze the guest file systems around the snapshot; always thaw, and never hide a failed thaw."""
+    if not plan.quiesce or freezer is None:
+        yield
+        return
+    # The guest blocks new writes as soon as the freeze starts (it then flushes), so the clock starts here.
+    frozen_at = time.monotonic()
+    try:
+        outcome.frozen_filesystems = freezer.freeze()
+        outcome.frozen = True
+    except VmsnapError as exc:
+        if plan.request.quiesce != "best_effort" or exc.details.get("guest_may_be_frozen"):
+            raise
+        outcome.warnings.append(
+            f"quiesce=best_effort: the guest could not be frozen ({exc.msg}); the snapshot is crash-consistent."
+        )
+    if not outcome.frozen:
+        yield
+        return
+    try:
+        yield
+    except BaseException as exc:  # whatever went wrong, the guest must not stay frozen
+        thaw_problem = _thaw(freezer, outcome, frozen_at)
+        if thaw_problem and isinstance(exc, VmsnapError):
+            exc.msg += f" Thawing the guest file systems failed as well: {thaw_problem}"
+        raise
+    thaw_problem = _thaw(freezer, outcome, frozen_at)
+    if thaw_problem:
+        raise LiveSnapshotError(
+            f"The snapshot was taken, but thawing the guest file systems failed: {thaw_problem}. The guest may "
+            "still be frozen; thaw it with guest-fsfreeze-thaw.",
+            snapshot_taken=True,
+        )
+
+
+def _thaw(freezer: Freezer, outcome: LiveOutcome, frozen_at: float) -> str | None:
+    try:
+        freezer.thaw()
+    except VmsnapError as exc:
+        return exc.msg
+    finally:
+        outcome.frozen_ms = round((time.monotonic() - frozen_at) * 1000, 3)
+    return None
+
+
+def _job_id(action: str) -> str:
+    return f"vmsnap-{action}-{os.getpid()}-{time.monotonic_ns() % 1_000_000}"
+
+
+def _create(qmp: QmpClient, plan: LivePlan) -> None:
+    request = plan.request
+    devices = plan.acting()
+    if request.mode == "internal" and request.vmstate:
+        qmp.run_job(
+            "snapshot-save",
+            {
+                "job-id": _job_id("save"),
+                "tag": request.name,
+                "vmstate": plan.vmstate_node,
+                "devices": [device.node_name for device in devices],
+            },
+            request.timeout,
+        )
+        return
+    if request.mode == "internal":
+        actions = [
+            {"type": "blockdev-snapshot-internal-sync", "data": {"device": device.node_name, "name": request.name}}
+            for device in devices
+        ]
+        qmp.execute("transaction", {"actions": actions}, timeout=request.timeout)
+        return
+    claimed = _claim_overlays(devices)
+    actions = [
+        {
+            "type": "blockdev-snapshot-sync",
+            "data": {
+                "node-name": device.node_name,
+                "snapshot-file": device.overlay,
+                "snapshot-node-name": overlay_node_name(t.cast(str, device.overlay)),
+                "format": "qcow2",
+                "mode": "absolute-paths",
+            },
+        }
+        for device in devices
+    ]
+    try:
+        qmp.execute("transaction", {"actions": actions}, timeout=request.timeout)
+    except QmpError as exc:
+        # QEMU answered: the graph is unchanged, so nothing uses the files this task claimed.
+        removed, problems = _remove_files(claimed)
+        msg = (
+            f"QEMU refused the external snapshot: {exc.desc}. The transaction is all-or-nothing, so no disk got an "
+            f"overlay; the {len(removed)} overlay file(s) this task had created were removed."
+        )
+        if problems:
+            msg += f" These could not be removed; delete them by hand: {', '.join(problems)}."
+        raise LiveSnapshotError(msg, removed_overlays=removed, leftover_overlays=problems) from None
+    # Any other failure (no answer in time, a lost connection) leaves the files alone: QEMU may be using them.
+
+
+def _claim_overlays(devices: list[DevicePlan]) -> list[str]:
+    """Create each overlay file empty and exclusively (O_EXCL) before QEMU writes it.
+
+    Only files this task created are ever removed again, so a file that another task or VM made in the meantime
+    (two VMs with same-named disks sharing overlay_dir) is never touched. Each file gets its disk's owner, group
+    and mode, so a QEMU running as another user can write it.
+    """
+    claimed: list[str] = []
+    for device in devices:
+        overlay = t.cast(str, device.overlay)
+        owner = _owner_of(device.disk["file"])
+        try:
+            fd = os.open(overlay, os.O_WRONLY | os.O_CREAT | os.O_EXCL, owner[2] if owner else 0o644)
+            try:
+                if owner and os.geteuid() == 0 and owner[:2] != (0, 0):
+                    os.fchown(fd, owner[0], owner[1])
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            removed, problems = _remove_files(claimed)
+            reason = (
+                "it appeared after this task checked (another task?)"
+                if isinstance(exc, FileExistsError)
+                else (exc.strerror or str(exc))
+            )
+            raise LiveSnapshotError(
+                f"Cannot create the overlay file {overlay} for {device.label}: {reason}. No snapshot was taken"
+                + (f"; these could not be removed: {', '.join(problems)}." if problems else "."),
+                removed_overlays=removed,
+                leftover_overlays=problems,
+            ) from None
+        claimed.append(overlay)
+    return claimed
+
+
+def _owner_of(path: str) -> tuple[int, int, int] | None:
+    """(uid, gid, permission bits) of a disk file, or None when it cannot be read (e.g. not a local file)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_uid, st.st_gid, st.st_mode & 0o666
+
+
+def _remove_files(paths: list[str]) -> tuple[list[str], list[str]]:
+    """Remove files this task created. Returns (removed, problems); one failure does not stop the others."""
+    removed, problems = [], []
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            problems.append(f"{path} ({exc.strerror or exc})")
+        else:
+            removed.append(path)
+    return removed, problems
+
+
+def _remove(qmp: QmpClient, plan: LivePlan, outcome: LiveOutcome) -> None:
+    request = plan.request
+    devices = plan.acting()
+    if request.mode == "internal":
+        if qmp.version >= SNAPSHOT_JOBS_SINCE:
+            qmp.run_job(
+                "snapshot-delete",
+                {"job-id": _job_id("delete"), "tag": request.name, "devices": [d.node_name for d in devices]},
+                request.timeout,
+            )
+        else:
+            for device in devices:
+                qmp.execute(
+                    "blockdev-snapshot-delete-internal-sync",
+                    {"device": device.node_name, "name": request.name},
+                    timeout=request.timeout,
+                )
+        return
+    merged: list[str] = []
+    for device in devices:
+        overlay = t.cast(str, device.overlay)
+        try:
+            _merge_overlay(qmp, device, request.timeout)
+            merged.append(device.label)
+            if overlay in _open_files(qmp):
+                raise LiveSnapshotError(
+                    f"The overlay {overlay} was merged into its backing file, but QEMU still has it open; "
+                    "it was not deleted."
+                )
+            os.unlink(overlay)
+        except OSError as exc:
+            raise LiveSnapshotError(
+                f"The overlay {overlay} was merged into its backing file and QEMU no longer uses it, but deleting it "
+                f"failed: {exc.strerror or exc}. Delete it by hand.",
+                merged_on=merged,
+                deleted_overlays=outcome.deleted_overlays,
+            ) from None
+        except VmsnapError as exc:
+            exc.details.setdefault("merged_on", merged)
+            exc.details.setdefault("deleted_overlays", outcome.deleted_overlays)
+            raise
+        outcome.deleted_overlays.append(overlay)
+
+
+def _merge_overlay(qmp: QmpClient, device: DevicePlan, timeout: float) -> None:
+    """block-commit the overlay into the layer below it; an active commit is completed when it is ready."""
+    chain = device.disk["chain"]
+    index = t.cast(int, device.overlay_index)
+    nodes = qmp.execute("query-named-block-nodes") or []
+    top_node = _format_node(nodes, chain[index])
+    base_node = _format_node(nodes, chain[index + 1])
+    qmp.run_job(
+        "block-commit",
+        {
+            "job-id": _job_id("commit"),
+            "device": device.node_name,
+            "top-node": top_node,
+            "base-node": base_node,
+            "auto-dismiss": False,
+        },
+        timeout,
+        complete_when_ready=index == 0,
+    )
+
+
+def _format_node(nodes: list[dict[str, t.Any]], layer: dict[str, t.Any]) -> str:
+    matches = [
+        node["node-name"]
+        for node in nodes
+        if node.get("file") == layer["filename"] and node.get("drv") == layer["format"]
+    ]
+    if len(matches) != 1:
+        raise LiveSnapshotError(
+            f"Cannot tell which QEMU block node is {layer['filename']} ({len(matches)} candidates); "
+            "nothing was merged.",
+            image_path=layer["filename"],
+        )
+    return str(matches[0])
+
+
+def _open_files(qmp: QmpClient) -> set[str]:
+    return {str(node.get("file")) for node in qmp.execute("query-named-block-nodes") or []}
+
+
+def _revert(qmp: QmpClient, plan: LivePlan) -> None:
+    request = plan.request
+    try:
+        qmp.run_job(
+            "snapshot-load",
+            {
+                "job-id": _job_id("load"),
+                "tag": request.name,
+                "vmstate": plan.vmstate_node,
+                "devices": [device.node_name for device in plan.acting()],
+            },
+            request.timeout,
+        )
+    except VmsnapError as exc:
+        status = status_or_none(qmp)
+        if plan.vm_running and status is not None and status != "running":
+            exc.msg += (
+                f" QEMU left the VM paused (status {status!r}); its disks may already be partly "
+                "reverted, so do not simply resume it: revert again, or stop it and restore offline."
+            )
+        exc.details["vm_status"] = status
+        raise
