@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import ValidationError, VmsnapError
 
 SNAPSHOT_JOBS_SINCE = (6, 0, 0)
+SAVEABLE_VM_STATUSES = ("running", "paused")
+STATE_SIDECAR_SUFFIX = ".json"
 MAX_FILE_NAME_BYTES = 255
 # QEMU leaves these statuses only when someone acts; a snapshot now would capture or hide a broken state.
 UNSAFE_VM_STATUSES = ("restore-vm", "inmigrate", "internal-error", "io-error", "guest-panicked", "shutdown")
@@ -36,15 +38,19 @@ class LiveRequest:
     mode: str = "internal"
     state: str = "present"
     devices: tuple[str, ...] | None = None
-    vmstate: bool = True
+    vmstate: bool | None = None
     overlay_dir: str | None = None
     quiesce: str = "off"
     guest_agent_socket: str | None = None
     timeout: float = 300.0
 
+    def __post_init__(self) -> None:
+        if self.vmstate is None:  # RAM by default for internal snapshots, disks only for external ones
+            object.__setattr__(self, "vmstate", self.mode == "internal")
+
     @property
     def with_vmstate(self) -> bool:
-        return self.mode == "internal" and self.vmstate
+        return bool(self.vmstate)
 
 
 @dataclass
@@ -79,20 +85,28 @@ class LivePlan:
     request: LiveRequest
     devices: list[DevicePlan]
     vm_running: bool
+    vm_status: str | None = None
     vmstate_node: str | None = None
+    state_file: str | None = None  # external with vmstate: the RAM state file of the checkpoint
+    state_file_action: str = "none"  # create | delete | none
     quiesce: bool = False  # freeze the guest file systems around the snapshot
     warnings: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
-        return any(device.action != "none" for device in self.devices)
+        return self.state_file_action != "none" or any(device.action != "none" for device in self.devices)
 
     def acting(self) -> list[DevicePlan]:
         return [device for device in self.devices if device.action != "none"]
 
     def diff(self) -> dict[str, dict[str, t.Any]]:
-        before = {device.label: _view(self.request, device, after=False) for device in self.devices}
-        after = {device.label: _view(self.request, device, after=True) for device in self.devices}
+        before: dict[str, t.Any] = {device.label: _view(self.request, device, after=False) for device in self.devices}
+        after: dict[str, t.Any] = {device.label: _view(self.request, device, after=True) for device in self.devices}
+        if self.state_file:
+            exists = os.path.lexists(self.state_file)
+            keeps = self.state_file_action == "create" or (self.state_file_action == "none" and exists)
+            before["vmstate_file"] = self.state_file if exists else None
+            after["vmstate_file"] = self.state_file if keeps else None
         return {"before": before, "after": after}
 
 
@@ -213,7 +227,7 @@ def plan_live(
         for label, disk in disks:
             if not disk["writable"]:
                 raise ValidationError(f"Disk {label} is read-only in the VM; there is nothing to snapshot.")
-    plan = LivePlan(request=request, devices=[], vm_running=bool(vm.get("running")))
+    plan = LivePlan(request=request, devices=[], vm_running=bool(vm.get("running")), vm_status=str(status))
     if request.mode == "internal":
         _plan_internal(plan, disks, version)
         if request.state == "reverted":
@@ -364,6 +378,12 @@ def _plan_external(plan: LivePlan, disks: list[tuple[str, dict[str, t.Any]]]) ->
             "External snapshots cannot be reverted in a running VM: discarding the overlays needs the VM stopped. "
             "Stop it, then use vmsnap.qemu.qcow2_chain state=absent on the overlays (the rollback role does this)."
         )
+    if request.vmstate and request.state == "present" and plan.vm_status not in SAVEABLE_VM_STATUSES:
+        raise ValidationError(
+            f"The VM is in status {plan.vm_status!r}; a checkpoint with RAM needs it running or paused "
+            "(a VM started with -S that never ran makes QEMU abort).",
+            vm_status=plan.vm_status,
+        )
     if "/" in request.name or request.name in (".", ".."):
         raise ValidationError(
             f"Snapshot name {request.name!r} becomes part of the overlay file name; it must not contain '/' "
@@ -375,9 +395,21 @@ def _plan_external(plan: LivePlan, disks: list[tuple[str, dict[str, t.Any]]]) ->
         if index is not None:
             device.overlay = disk["chain"][index]["filename"]
         plan.devices.append(device)
+    if request.vmstate or request.state == "absent":
+        plan.state_file = state_file_path(disks[0][1]["file"], request.name, request.overlay_dir, plan.devices)
     if request.state == "present":
         if _consistent(plan):
+            _check_checkpoint_state_file(plan)
             return
+        if request.vmstate:
+            if os.path.lexists(t.cast(str, plan.state_file)):
+                raise ValidationError(
+                    f"The RAM state file {plan.state_file} already exists, but the disks have no overlays of "
+                    f"checkpoint {request.name!r}; refusing to overwrite it. Delete it (and its .json sidecar) "
+                    "with vmsnap.qemu.qmp_vm_state state=absent, or use another name.",
+                    vmstate_file=plan.state_file,
+                )
+            plan.state_file_action = "create"
         claimed: dict[str, str] = {}
         for device in plan.devices:
             device.overlay = overlay_path(device.disk["file"], request.name, request.overlay_dir)
@@ -395,6 +427,40 @@ def _plan_external(plan: LivePlan, disks: list[tuple[str, dict[str, t.Any]]]) ->
         for device in plan.devices:
             if device.has_snapshot:
                 device.action = "merge"
+        if plan.state_file and (
+            os.path.lexists(plan.state_file) or os.path.lexists(plan.state_file + STATE_SIDECAR_SUFFIX)
+        ):
+            plan.state_file_action = "delete"
+        else:
+            plan.state_file = None
+
+
+def state_file_path(
+    first_disk_file: str, name: str, overlay_dir: str | None, devices: list[DevicePlan] | None = None
+) -> str:
+    """<overlay folder>/<first disk's stem>.vmsnap-<name>.vmstate: beside the first disk's overlay.
+
+    Once overlays exist, the disk's file is the overlay: the state file goes beside the disk below it.
+    """
+    base = first_disk_file
+    if devices and devices[0].overlay_index is not None:
+        base = devices[0].disk["chain"][devices[0].overlay_index + 1]["filename"]
+    folder = overlay_dir or os.path.dirname(base)
+    return os.path.join(folder, f"{disk_stem(base)}{OVERLAY_MARK}{name}.vmstate")
+
+
+def _check_checkpoint_state_file(plan: LivePlan) -> None:
+    """Every overlay of the checkpoint exists: with vmstate, its RAM state file must exist too."""
+    if not plan.request.vmstate:
+        return
+    state_file = t.cast(str, plan.state_file)
+    if not (os.path.isfile(state_file) and os.path.isfile(state_file + STATE_SIDECAR_SUFFIX)):
+        raise ValidationError(
+            f"Checkpoint {plan.request.name!r} has its overlays, but no RAM state file {state_file} (with its "
+            ".json sidecar): it was taken with vmstate=false, or its state was deleted. Remove it with "
+            "state=absent and take it again, or ask for vmstate=false.",
+            vmstate_file=state_file,
+        )
 
 
 def _check_new_overlay(device: DevicePlan) -> None:
@@ -437,8 +503,8 @@ def _plan_quiesce(plan: LivePlan) -> None:
         return
     if request.with_vmstate:
         problem = (
-            "quiesce does not apply to internal snapshots with vmstate: the frozen file systems would be saved "
-            "in the RAM state, and a revert would bring back a frozen guest. The RAM state is consistent as it is."
+            "quiesce does not apply to snapshots with vmstate: the frozen file systems would be saved in the RAM "
+            "state, and a revert would bring back a frozen guest. The RAM state is consistent as it is."
         )
         if request.quiesce == "required":
             raise ValidationError(problem)

@@ -27,10 +27,15 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._live import (
     LiveSnapshotError,
     overlay_node_name,
 )
-from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient, QmpError, pause_ms, still_paused
-from ansible_collections.vmsnap.qemu.plugins.module_utils._vm import status_or_none
-
-_LATE_RESUME_SECONDS = 2.0
+from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient, QmpError, pause_of_this_task
+from ansible_collections.vmsnap.qemu.plugins.module_utils._vm import describe_vm, status_or_none
+from ansible_collections.vmsnap.qemu.plugins.module_utils._vmstate import (
+    SaveRequest,
+    Sidecar,
+    read_vm_facts,
+    save_state,
+    sidecar_path,
+)
 
 
 @dataclass
@@ -43,6 +48,8 @@ class LiveOutcome:
     left_paused: bool = False
     warnings: list[str] = field(default_factory=list)
     deleted_overlays: list[str] = field(default_factory=list)
+    vmstate: Sidecar | None = None  # external with vmstate: the state file's sidecar
+    deleted_vmstate: list[str] = field(default_factory=list)
 
 
 class Freezer(t.Protocol):
@@ -59,31 +66,21 @@ def execute_live(qmp: QmpClient, plan: LivePlan, freezer: Freezer | None) -> Liv
     qmp.take_events(("STOP", "RESUME"))
     started = time.monotonic()
     try:
-        if request.state == "present":
+        if request.state == "present" and plan.state_file_action == "create":
+            _create_with_ram(qmp, plan, outcome)
+        elif request.state == "present":
             with _quiesced(plan, freezer, outcome):
                 _create(qmp, plan)
         elif request.state == "absent":
             _remove(qmp, plan, outcome)
+            _remove_state_file(plan, outcome)
         else:
             _revert(qmp, plan)
     finally:
         outcome.elapsed_ms = round((time.monotonic() - started) * 1000, 3)
-        outcome.downtime_ms, outcome.left_paused = _pause_of_this_task(qmp)
+        pause, outcome.left_paused = pause_of_this_task(qmp)
+        outcome.downtime_ms = round(outcome.downtime_ms + pause, 3)  # a RAM save counted its own pause
     return outcome
-
-
-def _pause_of_this_task(qmp: QmpClient) -> tuple[float, bool]:
-    """(pause in ms, whether QEMU stopped the guest and has not resumed it yet: then the pause counts to now)."""
-    events: list[dict[str, t.Any]] = []
-    with contextlib.suppress(VmsnapError):
-        qmp.poll_events()
-        events = qmp.take_events(("STOP", "RESUME"))
-        if still_paused(events):
-            resume = qmp.wait_event(lambda event: event.get("event") == "RESUME", _LATE_RESUME_SECONDS)
-            if resume is not None:
-                events.append(resume)
-    left_paused = still_paused(events)
-    return pause_ms(events, until=time.time() if left_paused else None), left_paused
 
 
 @contextlib.contextmanager
@@ -159,6 +156,10 @@ def _create(qmp: QmpClient, plan: LivePlan) -> None:
         qmp.execute("transaction", {"actions": actions}, timeout=request.timeout)
         return
     claimed = _claim_overlays(devices)
+    _overlay_transaction(qmp, devices, claimed, request.timeout)
+
+
+def _overlay_transaction(qmp: QmpClient, devices: list[DevicePlan], claimed: list[str], timeout: float) -> None:
     actions = [
         {
             "type": "blockdev-snapshot-sync",
@@ -173,7 +174,7 @@ def _create(qmp: QmpClient, plan: LivePlan) -> None:
         for device in devices
     ]
     try:
-        qmp.execute("transaction", {"actions": actions}, timeout=request.timeout)
+        qmp.execute("transaction", {"actions": actions}, timeout=timeout)
     except QmpError as exc:
         # QEMU answered: the graph is unchanged, so nothing uses the files this task claimed.
         removed, problems = _remove_files(claimed)
@@ -185,6 +186,72 @@ def _create(qmp: QmpClient, plan: LivePlan) -> None:
             msg += f" These could not be removed; delete them by hand: {', '.join(problems)}."
         raise LiveSnapshotError(msg, removed_overlays=removed, leftover_overlays=problems) from None
     # Any other failure (no answer in time, a lost connection) leaves the files alone: QEMU may be using them.
+
+
+def _create_with_ram(qmp: QmpClient, plan: LivePlan, outcome: LiveOutcome) -> None:
+    """Overlays on every chosen disk and the RAM state file, all of one instant, for one short pause.
+
+    The VM's view (disks, RAM size, machine) is read before the pause; the overlays are claimed (created empty,
+    exclusively) and the state file's space reserved before it too. In the pause: the overlay transaction, then
+    the background snapshot, which saves device state at that same instant (see _vmstate.save_state).
+    """
+    request = plan.request
+    devices = plan.acting()
+    facts = read_vm_facts(qmp, describe_vm(qmp))
+    claimed = _claim_overlays(devices)
+    taken: list[dict[str, str]] = []
+
+    def overlays_in_the_pause() -> list[dict[str, str]]:
+        _overlay_transaction(qmp, devices, claimed, request.timeout)
+        taken.extend(
+            {"disk": device.label, "overlay": t.cast(str, device.overlay), "base": str(device.disk["file"])}
+            for device in devices
+        )
+        return list(taken)
+
+    save = SaveRequest(
+        path=t.cast(str, plan.state_file),
+        live=True,
+        after="running" if facts.running else "paused",
+        timeout=request.timeout,
+    )
+    try:
+        saved = save_state(qmp, facts, save, while_paused=overlays_in_the_pause)
+    except LiveSnapshotError:
+        raise  # the transaction failed: nothing was taken, the claimed files are gone
+    except VmsnapError as exc:
+        if not taken:
+            removed, problems = _remove_files(claimed)
+            exc.details.update(removed_overlays=removed, leftover_overlays=problems)
+            raise
+        raise LiveSnapshotError(
+            f"The overlays of checkpoint {request.name!r} were taken, but saving its RAM state failed: {exc.msg} "
+            "The disks now have a disk-only checkpoint; remove it with state=absent (which merges the overlays "
+            "back) and take it again.",
+            snapshot_taken=True,
+            overlays_taken=taken,
+        ) from None
+    outcome.downtime_ms = saved.downtime_ms
+    outcome.left_paused = saved.left_paused
+    outcome.vmstate = saved.sidecar
+    outcome.warnings.extend(saved.warnings)
+
+
+def _remove_state_file(plan: LivePlan, outcome: LiveOutcome) -> None:
+    """After the overlays were merged: the checkpoint's RAM state file and its sidecar go too."""
+    if plan.state_file_action != "delete":
+        return
+    for name in (t.cast(str, plan.state_file), sidecar_path(t.cast(str, plan.state_file))):
+        try:
+            os.unlink(name)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise LiveSnapshotError(
+                f"The overlays were merged, but deleting the RAM state file {name} failed: {exc.strerror or exc}.",
+                snapshot_taken=True,
+            ) from None
+        outcome.deleted_vmstate.append(name)
 
 
 def _claim_overlays(devices: list[DevicePlan]) -> list[str]:

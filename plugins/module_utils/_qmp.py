@@ -15,6 +15,7 @@ reported as still running, never as done.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import socket
@@ -26,6 +27,7 @@ import typing as t
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import VmsnapError
 
 _JOB_POLL_SECONDS = 0.5
+_LATE_RESUME_SECONDS = 2.0
 _COMPLETE_GRACE_SECONDS = 10.0
 
 
@@ -307,10 +309,25 @@ class QmpClient:
             return
 
     def _read_message(self, deadline: float, waiting_for: str, wait: bool = True) -> dict[str, t.Any]:
-        """One JSON line; buffers until a newline, because replies can be large."""
-        while b"\n" not in self._buffer:
-            self._fill(deadline, waiting_for, wait)
-        line, self._buffer = self._buffer.split(b"\n", 1)
+        """One JSON line; buffers until a newline, because replies can be large.
+
+        A large reply (a guest agent's can be 20 MB) comes in many reads: they are joined once at the end, since
+        appending each to all before it takes time quadratic in the reply's size.
+        """
+        newline = self._buffer.find(b"\n")
+        if newline < 0:
+            parts, offset = [self._buffer], len(self._buffer)
+            try:
+                while newline < 0:
+                    self._buffer = b""
+                    self._fill(deadline, waiting_for, wait)
+                    parts.append(self._buffer)
+                    newline = self._buffer.find(b"\n")
+                    offset += len(self._buffer) if newline < 0 else 0
+            finally:
+                self._buffer = b"".join(parts)  # on a timeout, what arrived so far stays buffered
+            newline += offset
+        line, self._buffer = self._buffer[:newline], self._buffer[newline + 1 :]
         try:
             message = json.loads(line.decode("utf-8"))
         except ValueError:
@@ -359,3 +376,21 @@ def still_paused(events: list[dict[str, t.Any]]) -> bool:
 def _event_time(event: dict[str, t.Any]) -> float:
     stamp = event.get("timestamp") or {}
     return float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
+
+
+def pause_of_this_task(qmp: QmpClient, wait_for_resume: bool = True) -> tuple[float, bool]:
+    """The guest's pause since the STOP/RESUME events were last taken, in ms, and whether it is still paused.
+
+    A guest that QEMU stopped and has not resumed yet gets a short grace (wait_for_resume) for a late RESUME; if
+    it stays paused, the pause counts until now. Never raises: it runs after failures too.
+    """
+    events: list[dict[str, t.Any]] = []
+    with contextlib.suppress(VmsnapError):
+        qmp.poll_events()
+        events = qmp.take_events(("STOP", "RESUME"))
+        if wait_for_resume and still_paused(events):
+            resume = qmp.wait_event(lambda event: event.get("event") == "RESUME", _LATE_RESUME_SECONDS)
+            if resume is not None:
+                events.append(resume)
+    left_paused = still_paused(events)
+    return pause_ms(events, until=time.time() if left_paused else None), left_paused

@@ -42,8 +42,7 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import (
     QmpClient,
     QmpConnectionError,
     QmpError,
-    pause_ms,
-    still_paused,
+    pause_of_this_task,
 )
 
 SIDECAR_FORMAT = 1
@@ -531,11 +530,16 @@ def _free_bytes(folder: str) -> int | None:
 
 
 class _MigrationSettings:
-    """Set background-snapshot and the bandwidth for one save; put both back afterwards, always."""
+    """Set background-snapshot and the bandwidth for one save; put both back afterwards, always.
+
+    background-snapshot is never left on (a later real migration would only copy a snapshot), also when an earlier
+    task was killed before it could switch it off: this one then sets it as it needs and switches it off after.
+    """
 
     def __init__(self, qmp: QmpClient, live: bool) -> None:
         self.qmp = qmp
         self.live = live
+        self.touched_background_snapshot = False
         self.old_bandwidth: int | None = None
 
     def apply(self) -> None:
@@ -545,14 +549,18 @@ class _MigrationSettings:
                 "This QEMU has no background-snapshot migration capability; live=true cannot work. "
                 "live=false works: it pauses the guest while its RAM is written."
             )
-        blocking = [name for name, on in caps.items() if on and name not in ("events", "zero-blocks", "block")]
+        harmless = ("events", "zero-blocks", "block", "background-snapshot")
+        blocking = [name for name, on in caps.items() if on and name not in harmless]
         if self.live and blocking:
             raise ValidationError(
                 f"The VM has migration capabilities on that rule out a background snapshot: {', '.join(blocking)}. "
                 "Switch them off, or use live=false."
             )
+        if caps.get("background-snapshot") and not self.live:
+            self._set_background_snapshot(False)  # left on by a killed task: a plain save must not be one
         if self.live:
             try:
+                self.touched_background_snapshot = True
                 self._set_background_snapshot(True)
             except QmpError as exc:
                 raise ValidationError(
@@ -569,7 +577,7 @@ class _MigrationSettings:
     def restore(self) -> list[str]:
         """Put the settings back; returns problems (a save must not fail because of this)."""
         problems = []
-        if self.live:
+        if self.touched_background_snapshot:
             try:
                 self._set_background_snapshot(False)
             except VmsnapError as exc:
@@ -608,7 +616,7 @@ def save_state(
     target = _StateTarget(request.path, reserve_bytes(facts.ram_size))
     settings = _MigrationSettings(qmp, request.live)
     started = time.monotonic()
-    stopped_by_us = False
+    stopped_by_us = migrating = False
     overlays: list[dict[str, str]] = []
     try:
         settings.apply()
@@ -621,6 +629,7 @@ def save_state(
             stopped_by_us = True
         if while_paused is not None:
             overlays = while_paused()
+        migrating = True
         qmp.execute("migrate", {"uri": f"fd:{fd_name}"})
         if request.live:
             _wait_for_capture(qmp, request.timeout)
@@ -634,12 +643,14 @@ def save_state(
             _resume_quietly(qmp)
         if isinstance(exc, VmsnapError):
             exc.details.setdefault("overlays_taken", overlays)
+            # Paused and resumed, or a save started and thrown away: the VM went through something.
+            exc.details.setdefault("changed", stopped_by_us or migrating or bool(overlays))
         raise
     outcome.warnings.extend(settings.restore())
     if request.after == "running":
         # The stream is complete: a guest that was paused for it (live=false) need not wait for fsync and gzip.
         outcome.vm_status = bring_to(qmp, "running")
-    outcome.downtime_ms, outcome.left_paused = pause_of_this_task(qmp)
+    outcome.downtime_ms, outcome.left_paused = pause_of_this_task(qmp, wait_for_resume=request.live)
     finished, size, digest = target.finish(request.compress)
     sidecar = Sidecar(
         file=os.path.basename(request.path),
@@ -733,18 +744,6 @@ def _migration_failure(info: dict[str, t.Any]) -> str:
     return f"QEMU could not save the VM state: {info.get('error-desc') or info.get('status')}. Nothing was kept."
 
 
-def pause_of_this_task(qmp: QmpClient) -> tuple[float, bool]:
-    """(guest pause in ms from STOP/RESUME timestamps, whether the guest is still paused: then counted to now)."""
-    events: list[dict[str, t.Any]] = []
-    try:
-        qmp.poll_events()
-        events = qmp.take_events(("STOP", "RESUME"))
-    except VmsnapError:
-        pass
-    left_paused = still_paused(events)
-    return pause_ms(events, until=time.time() if left_paused else None), left_paused
-
-
 def bring_to(qmp: QmpClient, after: str) -> str | None:
     """Resume, pause or quit the VM. Returns its status afterwards (None once QEMU has quit)."""
     if after == "quit":
@@ -815,6 +814,7 @@ def restore_state(
     outcome = RestoreOutcome()
     started = time.monotonic()
     feeder: _GunzipFeeder | None = None
+    loading = False
     source_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if sidecar.compression == "gzip":
@@ -826,8 +826,12 @@ def restore_state(
         qmp.execute("getfd", {"fdname": fd_name}, fd=give)
         if feeder is not None:
             feeder.start()
+        loading = True
         qmp.execute("migrate-incoming", {"uri": f"fd:{fd_name}"})
         _wait_for_load(qmp, path, timeout, feeder)
+    except VmsnapError as exc:
+        exc.details.setdefault("changed", loading)
+        raise
     finally:
         if feeder is not None:
             feeder.close()

@@ -22,6 +22,11 @@ description:
   - O(mode=external) puts a new qcow2 overlay on top of every chosen disk in one C(transaction) (all disks or
     none), without pausing the guest. O(state=absent) merges each overlay back into the layer below it while the
     guest runs (C(block-commit), completed once ready) and then deletes the overlay file.
+  - O(mode=external) with O(vmstate=true) is a complete checkpoint - RAM, devices and every chosen disk, of one
+    instant - for a pause of milliseconds. The guest is paused, the overlays are taken, and QEMU's
+    C(background-snapshot) saves device state at that same instant, write-protects RAM and lets the guest run
+    on while RAM is written into a state file (with a JSON sidecar; see M(vmsnap.qemu.qmp_vm_state)). Overlay files
+    and the state file's space are prepared before the pause. See the notes for how to roll back to it.
   - For VMs that are shut down, use M(vmsnap.qemu.qcow2_snapshot) and M(vmsnap.qemu.qcow2_chain).
 author:
   - vmsnap.qemu contributors (@vmsnap)
@@ -89,11 +94,16 @@ options:
     elements: str
   vmstate:
     description:
-      - O(mode=internal) only. Also save RAM and device state (with the first chosen disk holding it), so that
-        O(state=reverted) can bring back the running guest.
-      - V(false) takes disk-only snapshots that do not pause the guest.
+      - Also save RAM and device state, so that the running guest can be brought back.
+      - O(mode=internal) - the first chosen disk holds it, and O(state=reverted) loads it. V(false) takes disk-only
+        snapshots that do not pause the guest.
+      - O(mode=external) - a state file C(<first disk's file name without .qcow2>.vmsnap-<name>.vmstate) in
+        O(overlay_dir) (default - the folder of the first chosen disk), with its sidecar C(<state file>.json).
+        Needs QEMU 6.0 or later and a host that can do a background snapshot (see M(vmsnap.qemu.qmp_vm_state)
+        O(vmsnap.qemu.qmp_vm_state#module:live)). O(state=absent) deletes the state file once the overlays are
+        merged back, whatever O(vmstate) says.
+      - Default V(true) for O(mode=internal) and V(false) for O(mode=external).
     type: bool
-    default: true
   overlay_dir:
     description:
       - O(mode=external) only. The folder for the new overlay files; default is the folder of each disk's current
@@ -110,8 +120,8 @@ options:
         after (always, also when the snapshot fails), so the disks hold clean file systems.
       - V(required) fails before any snapshot is taken when the agent cannot freeze. V(best_effort) warns and takes
         a crash-consistent snapshot instead.
-      - Only for O(state=present) with O(mode=external) or O(vmstate=false). With O(vmstate=true) the RAM state is
-        consistent anyway, and a frozen guest would be saved frozen, so V(required) fails and V(best_effort) warns.
+      - Only for O(state=present) with O(vmstate=false). With O(vmstate=true) the RAM state is consistent anyway,
+        and a frozen guest would be saved frozen, so V(required) fails and V(best_effort) warns.
     type: str
     choices: ['off', best_effort, required]
     default: 'off'
@@ -133,6 +143,20 @@ options:
     default: 5
 notes:
   - The module must run on the hypervisor that holds the sockets and the disk files.
+  - 'Rolling back to an external checkpoint with RAM (O(mode=external), O(vmstate=true)) needs a new QEMU process,
+    so it is not O(state=reverted). What is supported: 1. end the VM (C(quit)); 2. delete the checkpoint''s overlay
+    files (they hold everything written since) - the base images RV(base_images) are then exactly as they were at
+    the checkpoint; 3. start QEMU with the same command line on the base images plus C(-incoming defer); 4.
+    M(vmsnap.qemu.qmp_vm_state) O(vmsnap.qemu.qmp_vm_state#module:state=restored) with
+    O(vmsnap.qemu.qmp_vm_state#module:path) set to RV(vmstate_file) and
+    O(vmsnap.qemu.qmp_vm_state#module:after=paused); 5. this module with O(state=present), O(mode=external) and
+    O(vmstate=false) and the same O(name), which puts new, empty overlays on the base images; 6.
+    M(vmsnap.qemu.qmp_vm_state) O(vmsnap.qemu.qmp_vm_state#module:state=restored) again with
+    O(vmsnap.qemu.qmp_vm_state#module:after=running), which resumes the guest. The checkpoint (base images, state
+    file) is then unchanged and can be rolled back to again. Skipping step 5 also works, but the restored guest
+    then writes into the base images and the checkpoint is used up.'
+  - Step 5 takes the new overlays while the restored guest is still paused; without them, a later O(state=absent)
+    finds no overlays to merge and only deletes the state file.
   - O(mode=external) with O(state=absent) merges one disk after the other. When a merge fails, the result lists
     the disks already merged (RV(merged_on)).
   - A failed task reports C(changed=true) whenever something may have been done - a job that timed out, a revert,
@@ -263,6 +287,24 @@ frozen_ms:
   returned: success
   type: float
   sample: 9.7
+vmstate_file:
+  description: O(mode=external) with O(vmstate=true) (and O(state=absent) when one was deleted); the checkpoint's RAM
+    state file. Its sidecar is this path plus C(.json).
+  returned: success
+  type: str
+  sample: /var/lib/vms/web01.vmsnap-pre-upgrade.vmstate
+vmstate:
+  description: O(mode=external) with O(vmstate=true), when the state was saved by this task; the sidecar's contents
+    (see M(vmsnap.qemu.qmp_vm_state)).
+  returned: changed
+  type: dict
+  sample: {"size": 137216042, "ram_size": 1073741824, "qemu_version": "7.2.22"}
+base_images:
+  description: O(mode=external); per disk, the image below the checkpoint's overlay. After a rollback these are
+    what QEMU must be started on.
+  returned: success
+  type: dict
+  sample: {"drive0": /var/lib/vms/web01.qcow2}
 deleted_overlays:
   description: O(mode=external), O(state=absent); overlay files merged and deleted.
   returned: success
@@ -337,7 +379,7 @@ ARGUMENT_SPEC: dict[str, t.Any] = dict(
     mode=dict(type="str", default="internal", choices=["internal", "external"]),
     state=dict(type="str", default="present", choices=["present", "absent", "reverted"]),
     devices=dict(type="list", elements="str"),
-    vmstate=dict(type="bool", default=True),
+    vmstate=dict(type="bool"),
     overlay_dir=dict(type="path"),
     quiesce=dict(type="str", default="off", choices=["off", "best_effort", "required"]),
     guest_agent_socket=dict(type="path"),
@@ -383,10 +425,28 @@ def main() -> t.NoReturn:
         frozen_filesystems=outcome.frozen_filesystems,
         frozen_ms=outcome.frozen_ms,
         deleted_overlays=outcome.deleted_overlays,
+        vmstate_file=plan.state_file,
+        base_images=_base_images(plan),
     )
+    if outcome.vmstate is not None:
+        result["vmstate"] = outcome.vmstate.as_dict()
     if module._diff:
         result["diff"] = plan.diff()
     module.exit_json(**result)
+
+
+def _base_images(plan: LivePlan) -> dict[str, str] | None:
+    """External: per disk, the image below its overlay (before a create: the disk's active file now)."""
+    if plan.request.mode != "external":
+        return None
+    bases = {}
+    for device in plan.devices:
+        chain = device.disk["chain"]
+        if device.overlay_index is not None:
+            bases[device.label] = chain[device.overlay_index + 1]["filename"]
+        elif plan.request.state == "present":
+            bases[device.label] = str(device.disk["file"])
+    return bases
 
 
 def _request(params: dict[str, t.Any]) -> LiveRequest:

@@ -342,7 +342,7 @@ def _saved(module: AnsibleModule, result: dict[str, t.Any]) -> None:
             return
         facts = read_vm_facts(qmp, vm)
         refuse_unsaveable(facts, params["live"])
-        result["changed"] = True
+        result["changed"] = module.check_mode
         if module._diff:
             result["diff"] = {
                 "before": {**before, "vm_status": vm["status"]},
@@ -368,6 +368,7 @@ def _saved(module: AnsibleModule, result: dict[str, t.Any]) -> None:
             module.warn("QEMU paused the guest for the save and has not resumed it; downtime_ms counts until now.")
         sidecar = t.cast(Sidecar, outcome.sidecar)
         result.update(
+            changed=True,
             size=sidecar.size,
             sidecar=sidecar.as_dict(),
             downtime_ms=outcome.downtime_ms,
@@ -391,7 +392,7 @@ def _restored(module: AnsibleModule, result: dict[str, t.Any]) -> None:
             result.update(size=os.path.getsize(path), sidecar=t.cast(Sidecar, sidecar).as_dict())
             return
         sidecar = refuse_unrestorable(path, sidecar, facts, params["force"])
-        result["changed"] = True
+        result["changed"] = module.check_mode
         if module._diff:
             result["diff"] = {
                 "before": {"vm_status": facts.status},
@@ -407,7 +408,9 @@ def _restored(module: AnsibleModule, result: dict[str, t.Any]) -> None:
             raise
         for warning in outcome.warnings:
             module.warn(warning)
-        result.update(elapsed_ms=outcome.elapsed_ms, vm_status=outcome.vm_status, sidecar=sidecar.as_dict())
+        result.update(
+            changed=True, elapsed_ms=outcome.elapsed_ms, vm_status=outcome.vm_status, sidecar=sidecar.as_dict()
+        )
 
 
 def _converge_restored(module: AnsibleModule, qmp: QmpClient, result: dict[str, t.Any], running: bool) -> None:

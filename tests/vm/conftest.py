@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import typing as t
 from pathlib import Path
 
@@ -14,10 +17,42 @@ from tiny_guest import GuestImage, GuestVM, build_tiny_guest, default_cache_dir,
 
 REPO = Path(__file__).resolve().parents[2]
 BOOT_TIMEOUT = 90.0
+ANSIBLE = Path(os.environ.get("VMSNAP_ANSIBLE") or REPO / ".venv" / "bin" / "ansible")
+
+
+def run_module(module: str, *, check: bool = False, diff: bool = False, **args: t.Any) -> dict[str, t.Any]:
+    """Run a module as an ad-hoc task on localhost and return its result (failed ones too).
+
+    The collection is taken from $ANSIBLE_COLLECTIONS_PATH (`make vm-tests` points it at build/src).
+    """
+    env = dict(os.environ, ANSIBLE_LOCALHOST_WARNING="0", ANSIBLE_INVENTORY_UNPARSED_WARNING="0", LANG="C.UTF-8")
+    env.setdefault("ANSIBLE_COLLECTIONS_PATH", str(REPO / "build" / "src"))
+    argv = [str(ANSIBLE), "localhost", "-c", "local", "-m", module, "-a", json.dumps(args)]
+    argv += ["--check"] if check else []
+    argv += ["--diff"] if diff else []
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300, check=False)
+    marker = proc.stdout.find(" => {")
+    assert marker >= 0, f"no result from ansible (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    end = proc.stdout.rfind("\n}") + 2  # --diff prints the diff before the result
+    result = json.loads(proc.stdout[marker + len(" => ") : end])
+    result["failed"] = bool(result.get("failed")) or "| FAILED" in proc.stdout[:marker]
+    result["_stdout"] = proc.stdout
+    return t.cast("dict[str, t.Any]", result)
 
 
 def cache_dir() -> Path:
     return default_cache_dir()
+
+
+def guest_ok(vm: GuestVM, cmd: str) -> str:
+    rc, out = vm.run(cmd)
+    assert rc == 0, f"{cmd!r} failed in the guest ({rc}): {out}"
+    return out
+
+
+def read_fresh(vm: GuestVM, path: str) -> str:
+    """Read a guest file from the disk, not from the guest's page cache."""
+    return guest_ok(vm, f"sync; echo 3 > /proc/sys/vm/drop_caches; cat {path}")
 
 
 @pytest.fixture(scope="session")

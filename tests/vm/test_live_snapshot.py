@@ -11,41 +11,20 @@ The collection is taken from $ANSIBLE_COLLECTIONS_PATH (`make vm-tests` points i
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import typing as t
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import guest_ok, read_fresh
+from conftest import run_module as run_vmsnap_module
 from tiny_guest import GuestVM
 
-ANSIBLE = Path(os.environ.get("VMSNAP_ANSIBLE") or REPO / ".venv" / "bin" / "ansible")
 MODULE = "vmsnap.qemu.qmp_live_snapshot"
 
 
 def run_module(**args: t.Any) -> dict[str, t.Any]:
-    """Run the module as an ad-hoc task on localhost and return its result (failed ones too)."""
-    env = dict(os.environ, ANSIBLE_LOCALHOST_WARNING="0", ANSIBLE_INVENTORY_UNPARSED_WARNING="0", LANG="C.UTF-8")
-    env.setdefault("ANSIBLE_COLLECTIONS_PATH", str(REPO / "build" / "src"))
-    argv = [str(ANSIBLE), "localhost", "-c", "local", "-m", MODULE, "-a", json.dumps(args)]
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300, check=False)
-    marker = proc.stdout.find(" => {")
-    assert marker >= 0, f"no result from ansible (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    result = json.loads(proc.stdout[marker + len(" => ") :])
-    result["failed"] = bool(result.get("failed")) or "| FAILED" in proc.stdout[:marker]
-    return t.cast("dict[str, t.Any]", result)
-
-
-def guest_ok(vm: GuestVM, cmd: str) -> str:
-    rc, out = vm.run(cmd)
-    assert rc == 0, f"{cmd!r} failed in the guest ({rc}): {out}"
-    return out
-
-
-def read_fresh(vm: GuestVM, path: str) -> str:
-    """Read a guest file from the disk, not from the guest's page cache."""
-    return guest_ok(vm, f"sync; echo 3 > /proc/sys/vm/drop_caches; cat {path}")
+    return run_vmsnap_module(MODULE, **args)
 
 
 def test_internal_vmstate_revert_brings_back_disk_and_running_guest(vm: GuestVM) -> None:

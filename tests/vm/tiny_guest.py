@@ -272,13 +272,24 @@ def _cpio_newc_gz(busybox: Path, root: Path, dest: Path) -> None:
         fh.write(archive)
 
 
-def build_tiny_guest(cache_dir: Path) -> GuestImage:
-    """Build (or reuse from cache_dir) a kernel and initramfs; keyed by the exact .deb SHA256s."""
+def build_tiny_guest(
+    cache_dir: Path,
+    *,
+    extra_packages: t.Sequence[str] = (),
+    customize: t.Callable[[Path, Path], None] | None = None,
+    variant: str = "",
+) -> GuestImage:
+    """Build (or reuse from cache_dir) a kernel and initramfs; keyed by the exact .deb SHA256s.
+
+    A variant (python_guest.py) unpacks extra_packages into the same staging folder, then customize(staging, root)
+    adds to the finished root file system; variant (its name and format) is part of the cache key.
+    """
     cache_dir = Path(cache_dir).resolve()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    packages = [_kernel_package(), *USER_PACKAGES]
+    packages = [_kernel_package(), *USER_PACKAGES, *extra_packages]
     files = _resolve_debs(packages)
-    key_src = BUILD_FORMAT + "\n" + "\n".join(f"{n} {s}" for n, s in files)
+    head = BUILD_FORMAT + (f"\nvariant {variant}" if variant else "")
+    key_src = head + "\n" + "\n".join(f"{n} {s}" for n, s in files)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     out_dir = cache_dir / "images" / key
     image = GuestImage(kernel=out_dir / "vmlinuz", initrd=out_dir / "initrd.img")
@@ -295,6 +306,8 @@ def build_tiny_guest(cache_dir: Path) -> GuestImage:
             _run(["dpkg-deb", "-x", deb, staging])
         root = work / "root"
         _make_rootfs(staging, root)
+        if customize is not None:
+            customize(staging, root)
         result = work / "result"
         result.mkdir()
         kernels = sorted((staging / "boot").glob("vmlinuz-*"))
@@ -493,6 +506,22 @@ class GuestVM:
                 continue
         m = self._read_until(re.compile(re.escape(READY_MARKER)), deadline)
         self._ctl_buf = self._ctl_buf[m.end() :]
+        self.run("true", timeout=max(1.0, deadline - time.monotonic()))
+
+    def attach_restored(self, timeout: float = 30.0) -> None:
+        """Take the serial shell of a guest whose RAM was restored into this QEMU: it is already running, so no
+        banner comes; one command proves that it answers."""
+        deadline = time.monotonic() + timeout
+        assert self._listener is not None
+        while self._ctl is None:
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise GuestError(f"QEMU never connected to {self.ctl_socket}\n{self._diagnostics()}")
+            self._listener.settimeout(0.5)
+            try:
+                self._ctl, dummy = self._listener.accept()
+            except socket.timeout:
+                continue
         self.run("true", timeout=max(1.0, deadline - time.monotonic()))
 
     def run(self, cmd: str, timeout: float = 30.0) -> tuple[int, str]:

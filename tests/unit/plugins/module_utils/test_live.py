@@ -527,7 +527,7 @@ def test_quiesce_off_is_not_planned(live: Load) -> None:
 
 def test_quiesce_with_vmstate_required_is_refused_and_best_effort_warns(live: Load) -> None:
     fresh = live("mixed-fresh")
-    with pytest.raises(ValidationError, match="quiesce does not apply to internal snapshots with vmstate"):
+    with pytest.raises(ValidationError, match="quiesce does not apply to snapshots with vmstate"):
         plan(fresh, devices=("drive0",), quiesce="required", guest_agent_socket=AGENT)
     live_plan = plan(fresh, devices=("drive0",), quiesce="best_effort", guest_agent_socket=AGENT)
     assert not live_plan.quiesce and live_plan.changed
