@@ -494,6 +494,13 @@ class GuestVM:
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Wait for the serial shell, then swallow its banner with one flushing command."""
         deadline = time.monotonic() + timeout
+        self._accept_serial(deadline)
+        m = self._read_until(re.compile(re.escape(READY_MARKER)), deadline)
+        self._ctl_buf = self._ctl_buf[m.end() :]
+        self.run("true", timeout=max(1.0, deadline - time.monotonic()))
+
+    def _accept_serial(self, deadline: float) -> None:
+        """QEMU connects to the serial shell's socket as a client: accept it once."""
         assert self._listener is not None
         while self._ctl is None:
             self._check_alive()
@@ -504,24 +511,12 @@ class GuestVM:
                 self._ctl, dummy = self._listener.accept()
             except socket.timeout:
                 continue
-        m = self._read_until(re.compile(re.escape(READY_MARKER)), deadline)
-        self._ctl_buf = self._ctl_buf[m.end() :]
-        self.run("true", timeout=max(1.0, deadline - time.monotonic()))
 
     def attach_restored(self, timeout: float = 30.0) -> None:
         """Take the serial shell of a guest whose RAM was restored into this QEMU: it is already running, so no
         banner comes; one command proves that it answers."""
         deadline = time.monotonic() + timeout
-        assert self._listener is not None
-        while self._ctl is None:
-            self._check_alive()
-            if time.monotonic() > deadline:
-                raise GuestError(f"QEMU never connected to {self.ctl_socket}\n{self._diagnostics()}")
-            self._listener.settimeout(0.5)
-            try:
-                self._ctl, dummy = self._listener.accept()
-            except socket.timeout:
-                continue
+        self._accept_serial(deadline)
         self.run("true", timeout=max(1.0, deadline - time.monotonic()))
 
     def run(self, cmd: str, timeout: float = 30.0) -> tuple[int, str]:

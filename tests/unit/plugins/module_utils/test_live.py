@@ -357,6 +357,68 @@ def test_external_present_puts_each_overlay_beside_the_disks_active_file(live: L
     assert live_plan.vmstate_node is None and live_plan.changed
 
 
+def test_external_with_vmstate_plans_a_state_file_beside_the_first_disk(live: Load, tmp_path: t.Any) -> None:
+    chain = live("chain-two-overlays", root=tmp_path)
+    live_plan = plan(chain, name="e3", mode="external", vmstate=True)
+    assert live_plan.state_file == f"{tmp_path}/a.vmsnap-e3.vmstate" and live_plan.state_file_action == "create"
+    assert [d.action for d in live_plan.devices] == ["create", "create"] and live_plan.changed
+    assert live_plan.diff()["before"]["vmstate_file"] is None
+    assert live_plan.diff()["after"]["vmstate_file"] == f"{tmp_path}/a.vmsnap-e3.vmstate"
+
+
+def test_external_vmstate_defaults_to_false_and_internal_to_true() -> None:
+    assert LiveRequest(name="x", mode="external").vmstate is False
+    assert LiveRequest(name="x").vmstate is True
+    assert LiveRequest(name="x", mode="external", vmstate=True).vmstate is True
+
+
+def test_external_checkpoint_with_ram_needs_its_state_file(live: Load, tmp_path: t.Any) -> None:
+    chain = live("chain-two-overlays", root=tmp_path)
+    with pytest.raises(ValidationError, match="has its overlays, but no RAM state file .*a.vmsnap-e1.vmstate"):
+        plan(chain, name="e1", mode="external", vmstate=True)
+    (tmp_path / "a.vmsnap-e1.vmstate").write_bytes(b"QEVM")
+    (tmp_path / "a.vmsnap-e1.vmstate.json").write_text("{}")
+    complete = plan(chain, name="e1", mode="external", vmstate=True)
+    assert not complete.changed and complete.state_file == f"{tmp_path}/a.vmsnap-e1.vmstate"
+    assert not plan(chain, name="e1", mode="external").changed  # disk-only asks nothing of a state file
+
+
+def test_external_with_vmstate_refuses_a_state_file_without_overlays(live: Load, tmp_path: t.Any) -> None:
+    chain = live("chain-two-overlays", root=tmp_path)
+    (tmp_path / "a.vmsnap-e3.vmstate").write_bytes(b"QEVM")
+    with pytest.raises(ValidationError, match="already exists, but the disks have no overlays"):
+        plan(chain, name="e3", mode="external", vmstate=True)
+
+
+def test_external_absent_deletes_the_state_file_when_there_is_one(live: Load, tmp_path: t.Any) -> None:
+    chain = live("chain-two-overlays", root=tmp_path)
+    without = plan(chain, name="e1", mode="external", state="absent")
+    assert without.state_file is None and without.state_file_action == "none"
+    (tmp_path / "a.vmsnap-e1.vmstate.json").write_text("{}")  # a sidecar alone is removed too
+    with_state = plan(chain, name="e1", mode="external", state="absent")
+    assert with_state.state_file_action == "delete" and with_state.state_file == f"{tmp_path}/a.vmsnap-e1.vmstate"
+    # Overlays already merged away, state file left: absent still removes it.
+    gone = plan(chain, name="e9", mode="external", state="absent")
+    assert not gone.changed
+    (tmp_path / "a.vmsnap-e9.vmstate").write_bytes(b"QEVM")
+    assert plan(chain, name="e9", mode="external", state="absent").state_file_action == "delete"
+
+
+@pytest.mark.parametrize("status", ["prelaunch", "postmigrate"])
+def test_external_with_vmstate_refuses_a_vm_that_cannot_be_saved(live: Load, tmp_path: t.Any, status: str) -> None:
+    chain = live("chain-two-overlays", root=tmp_path)
+    chain.vm["status"] = status
+    with pytest.raises(ValidationError, match=f"status '{status}'; a checkpoint with RAM needs it running or paused"):
+        plan(chain, name="e3", mode="external", vmstate=True)
+    assert plan(chain, name="e3", mode="external").changed  # without RAM there is nothing to save
+
+
+def test_external_with_vmstate_is_not_quiesced(live: Load, tmp_path: t.Any) -> None:
+    chain = live("chain-two-overlays", root=tmp_path)
+    with pytest.raises(ValidationError, match="quiesce does not apply to snapshots with vmstate"):
+        plan(chain, name="e3", mode="external", vmstate=True, quiesce="required", guest_agent_socket=AGENT)
+
+
 def test_external_present_in_overlay_dir(live: Load, tmp_path: t.Any) -> None:
     (tmp_path / "ov").mkdir()
     live_plan = plan(live("mixed-fresh", root=tmp_path), mode="external", overlay_dir=f"{tmp_path}/ov")
