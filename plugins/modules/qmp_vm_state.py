@@ -17,7 +17,7 @@ description:
     temporary name in the same folder) and hands its descriptor to QEMU over the QMP socket (C(getfd)); it never
     uses C(exec:) migration URIs.
   - With O(live=true) (the default) the guest keeps running while its RAM is written (QEMU's C(background-snapshot)
-    migration capability, QEMU 6.0 or later): it pauses only to save device state and write-protect its RAM,
+    migration capability, QEMU 6.0 or later). It pauses only to save device state and write-protect its RAM,
     usually for tens of milliseconds, and the file holds RAM as it was at that instant.
   - Because a write that fails during a background snapshot hangs QEMU for good, the file's whole space (RAM size
     plus a margin for device state) is reserved with C(posix_fallocate) before QEMU gets the file, and the task is
@@ -63,9 +63,9 @@ options:
     description:
       - V(saved) writes the VM's state to O(path) unless a state file with a matching sidecar is there already.
         The VM must be C(running) or C(paused).
-      - V(restored) loads O(path) into a QEMU that waits for it (status C(inmigrate): started with the saved VM's
+      - V(restored) loads O(path) into a QEMU that waits for it (status C(inmigrate), started with the saved VM's
         command line plus C(-incoming defer)). Anything else is refused, and so is every difference between the
-        sidecar and the waiting QEMU (QEMU version, machine type, RAM size, disks and their image files): that QEMU
+        sidecar and the waiting QEMU (QEMU version, machine type, RAM size, disks and their image files); that QEMU
         then keeps waiting. A state file whose size or checksum differs from its sidecar is refused the same way.
       - V(absent) deletes the state file and its sidecar. A file without a sidecar is only deleted if it is a QEMU
         state stream, or with O(force=true).
