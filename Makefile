@@ -1,5 +1,6 @@
 # vmsnap.qemu: the two commands of the README, and the pieces they are made of.
-#   make demo   - checkpoint -> broken upgrade -> rollback: offline on a qcow2 disk, then live on a running VM
+#   make demo   - checkpoint -> broken upgrade -> rollback: offline on a qcow2 disk, then live on a running VM,
+#                 then a checkpoint with RAM at a pause of milliseconds rolled back into a new QEMU
 #   make test   - every test layer: ruff, sanity, unit, integration, lint, galaxy build + install
 # Both install what they need first: Debian packages (via apt-get, with sudo when not root) and .venv.
 
@@ -33,6 +34,7 @@ help:
 	@echo "make test   - run every test layer (installs what it needs)"
 	@echo "make bench  - run the benchmark and print the ratios for docs/performance.md"
 	@echo "make bench-live - guest pause of live snapshots vs HMP savevm (tiny real guest, for docs/performance.md)"
+	@echo "make bench-ram - checkpoints with RAM: pause vs HMP savevm, state size, restore time (for docs/performance.md)"
 
 .PHONY: system-packages
 system-packages:
@@ -59,6 +61,7 @@ copy:
 demo: deps copy
 	ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) $(VENV)/bin/ansible-playbook -i localhost, demo/offline_rollback.yml
 	ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) $(VENV)/bin/ansible-playbook -i localhost, demo/live_rollback.yml
+	ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) $(VENV)/bin/ansible-playbook -i localhost, demo/ram_checkpoint.yml
 
 # Each layer stops the run when it fails; the last line counts the layers that passed.
 TEST_LAYERS := ruff changelog-lint sanity units integration vm-tests lint galaxy
@@ -117,6 +120,11 @@ bench: deps copy
 .PHONY: bench-live
 bench-live: deps copy
 	ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) $(VENV)/bin/python benchmarks/live_pause.py
+
+# Checkpoints with RAM (external + background-snapshot, internal, HMP savevm) and their restore, on the tiny guest.
+.PHONY: bench-ram
+bench-ram: deps copy
+	ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) $(VENV)/bin/python benchmarks/ram_checkpoint.py
 
 .PHONY: clean
 clean:

@@ -5,6 +5,8 @@
 
   guest.py start DIR   build the tiny guest of tests/vm (cached), start it daemonized with a qcow2 data disk,
                        wait for its guest agent; prints {"qmp": ..., "qga": ..., "disk": ..., "pid": ...} as JSON
+  guest.py incoming DIR  start the same VM (same command line, same disk) with -incoming defer: it waits for a
+                       state to be restored into it (vmsnap.qemu.qmp_vm_state); prints the same JSON
   guest.py exec QGA CMD  run CMD with /bin/sh inside the guest (guest-exec); prints its output, exits with its status
   guest.py stop DIR    kill the VM started in DIR (by its pidfile)
 
@@ -36,15 +38,19 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._guest_agent import Gu
 BOOT_SECONDS = 90.0
 
 
-def start(folder: Path) -> dict[str, object]:
+def start(folder: Path, incoming: bool = False) -> dict[str, object]:
     folder.mkdir(parents=True, exist_ok=True)
     image = build_tiny_guest(default_cache_dir())
-    disk = make_ext4_qcow2(folder / "app-data.qcow2", size_mib=64)
+    disk = folder / "app-data.qcow2"
+    if not incoming:
+        make_ext4_qcow2(disk, size_mib=64)
     # The tests' own command line for this guest, minus the serial shell (nobody listens), daemonized.
-    guest = GuestVM(image, [disk], folder, memory_mib=256)
+    guest = GuestVM(image, [disk], folder, memory_mib=256, extra_args=["-incoming", "defer"] if incoming else [])
     qmp, qga, pidfile = guest.qmp_socket, guest.qga_socket, folder / "vm.pid"
     argv = [*guest.argv(serial_shell=False), "-daemonize", "-pidfile", str(pidfile)]
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)  # -daemonize returns once the sockets exist
+    if incoming:
+        return {"qmp": str(qmp), "qga": str(qga), "disk": str(disk), "pid": int(pidfile.read_text())}
     deadline = time.monotonic() + BOOT_SECONDS
     while True:  # the agent answers once the guest has booted; its init mounts the disk before starting it
         try:
@@ -72,17 +78,27 @@ def run_in_guest(qga: str, command: str, connect_timeout: float = 5.0) -> tuple[
 
 
 def stop(folder: Path) -> None:
+    """SIGTERM the VM started in folder and wait until it is gone (its disks are then closed)."""
     pidfile = folder / "vm.pid"
     if pidfile.exists():
+        pid = int(pidfile.read_text())
         with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pidfile.read_text()), signal.SIGTERM)
-        pidfile.unlink()
+            os.kill(pid, signal.SIGTERM)
+        for dummy in range(300):
+            if not Path(f"/proc/{pid}").exists():
+                break
+            time.sleep(0.05)
+        with contextlib.suppress(FileNotFoundError):
+            pidfile.unlink()
 
 
 def main() -> int:
     action = sys.argv[1]
     if action == "start":
         print(json.dumps(start(Path(sys.argv[2]).resolve())))
+        return 0
+    if action == "incoming":
+        print(json.dumps(start(Path(sys.argv[2]).resolve(), incoming=True)))
         return 0
     if action == "exec":
         code, output = run_in_guest(sys.argv[2], sys.argv[3])
