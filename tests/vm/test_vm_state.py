@@ -11,6 +11,8 @@ with the waiting QEMU still alive afterwards.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import signal
@@ -481,3 +483,59 @@ def test_external_checkpoint_with_ram_rolls_back_disks_and_ram_of_one_instant(
         assert guest.poweroff() == 0
     finally:
         guest.close()
+
+
+def test_a_state_qemu_cannot_load_is_reported_with_what_qemu_did(
+    guest_image: GuestImage, disk: Path, tmp_path: Path
+) -> None:
+    """A file damaged before its sidecar was written (so the checksum cannot catch it): QEMU 7.2 exits."""
+    state = tmp_path / "vm.vmstate"
+    guest = boot(guest_image, [disk], tmp_path / "vm")
+    try:
+        saved = run_module(STATE, socket=str(guest.qmp_socket), path=str(state), after="quit")
+        assert not saved["failed"], saved
+        guest._proc.wait(timeout=30)  # noqa: SLF001
+    finally:
+        guest.close()
+    os.truncate(state, state.stat().st_size // 2)
+    sidecar_file = Path(str(state) + ".json")
+    record = json.loads(sidecar_file.read_text())
+    record.update(size=state.stat().st_size, sha256=hashlib.sha256(state.read_bytes()).hexdigest())
+    sidecar_file.write_text(json.dumps(record))
+    guest = waiting(guest_image, [disk], tmp_path / "vm")
+    try:
+        failed = run_module(STATE, socket=str(guest.qmp_socket), path=str(state), state="restored")
+        assert failed["failed"] and failed["changed"], failed
+        assert "QEMU exited while loading the state" in failed["msg"], failed["msg"]
+        assert failed["qemu_exited"] is True
+        guest._proc.wait(timeout=30)  # noqa: SLF001
+        assert guest.returncode != 0
+    finally:
+        guest.close()
+
+
+def test_guest_ram_in_a_regular_file_cannot_be_saved_live(tmp_path: Path) -> None:
+    """QEMU refuses a background snapshot of file-backed RAM; the task says so and that live=false works."""
+    sock = tmp_path / "qmp.sock"
+    ram = tmp_path / "guest-ram"
+    qemu = subprocess.Popen(
+        ["qemu-system-x86_64", "-accel", "tcg", "-M", "q35", "-m", "64", "-nodefaults", "-display", "none",
+         "-object", f"memory-backend-file,id=ram0,size=64M,mem-path={ram},share=on", "-machine", "memory-backend=ram0",
+         "-qmp", f"unix:{sock},server=on,wait=off"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert qemu.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        state = tmp_path / "vm.vmstate"
+        refused = run_module(STATE, socket=str(sock), path=str(state))
+        assert refused["failed"] and not refused["changed"], refused
+        assert "cannot take a background snapshot" in refused["msg"] and "live=false works" in refused["msg"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["guest-ram", "qmp.sock"]
+        plain = run_module(STATE, socket=str(sock), path=str(state), live=False)
+        assert not plain["failed"] and plain["changed"] and plain["vm_status"] == "running", plain
+    finally:
+        qemu.kill()
+        qemu.wait(timeout=30)
