@@ -183,7 +183,8 @@ def decode_exec_status(status: dict[str, t.Any], pid: int) -> tuple[int, bytes, 
     if cut:
         streams = " and ".join({"out": "standard output", "err": "standard error"}[name] for name in cut)
         raise AnsibleError(
-            f"The command's {streams} was cut off by qemu-guest-agent, which keeps at most 16 MiB per stream "
+            f"The command's {streams} {'were' if len(cut) > 1 else 'was'} cut off by qemu-guest-agent, which keeps "
+            "at most 16 MiB per stream "
             f"(guest process {pid} exited; got {len(stdout)} bytes of output and {len(stderr)} bytes of errors). "
             "Its output is not returned in part: write it to a file in the guest and fetch that instead.",
         )
