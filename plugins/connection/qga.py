@@ -56,7 +56,7 @@ options:
     ini:
       - section: vmsnap_qga_connection
         key: connect_timeout
-  timeout:
+  command_timeout:
     description:
       - Seconds a command may run in the guest. A command still running after that fails the task with a message
         that says it timed out, and gives its process id in the guest, where it may still be running; it is not killed.
@@ -72,7 +72,7 @@ options:
       - name: VMSNAP_QGA_TIMEOUT
     ini:
       - section: vmsnap_qga_connection
-        key: timeout
+        key: command_timeout
 notes:
   - Privilege escalation (C(become)) is not supported; commands already run as the agent's user. A task whose command
     Ansible wraps in a become method fails and says so.
@@ -80,10 +80,13 @@ notes:
     (busybox is enough). Modules need Python in the guest; set C(ansible_python_interpreter) to skip discovery.
   - The agent caps the output it keeps of a command at 16 MiB per stream; a command whose output was cut fails the task
     instead of returning part of it. Such an output also needs several times that much free RAM in the guest's agent.
-  - Commands inherit the agent's environment. Under systemd the agent has no C(HOME), and C(dash) (Debian's
-    C(/bin/sh)) then leaves C(~) unexpanded; set C(ansible_remote_tmp) to an absolute path (for example
+  - Commands inherit the agent's environment. When it has no C(HOME) (a systemd service without C(User=) gets none),
+    C(dash) (Debian's C(/bin/sh)) leaves C(~) unexpanded; set C(ansible_remote_tmp) to an absolute path (for example
     V(/var/tmp/.ansible-tmp)) for such guests. C(ansible_user) is not used to log in; leave it unset, because Ansible
     expands its remote temporary folder from that user's home.
+  - Files the plugin creates in the guest get the mode the agent gives new files (V(0666) with qemu-guest-agent 7.2,
+    whatever the umask). Ansible puts files only into its own temporary folder, which it makes with mode V(0700), and
+    M(ansible.builtin.copy) and M(ansible.builtin.template) set the final file's mode.
   - With pipelining (O(pipelining)), a module's code goes to the command's standard input (C(input-data)) instead of a
     file, which saves several requests per task.
   - The agent may refuse commands (C(--allow-rpcs)/C(--block-rpcs) in the guest); the plugin needs C(guest-exec) and
@@ -226,7 +229,7 @@ class Connection(ConnectionBase):
         return str(self._play_context.remote_addr or "")
 
     def _request_timeout(self) -> float:
-        return max(float(self.get_option("timeout")), MIN_REQUEST_SECONDS)
+        return max(float(self.get_option("command_timeout")), MIN_REQUEST_SECONDS)
 
     def _connect(self) -> Connection:
         if self._connected and self._agent is not None:
@@ -290,7 +293,7 @@ class Connection(ConnectionBase):
             )
         self._require(EXEC_COMMANDS, "Cannot run a command")
         display.vvv(f"EXEC {cmd}", host=self._host)
-        timeout = float(self.get_option("timeout"))
+        timeout = float(self.get_option("command_timeout"))
         started = time.monotonic()
         pid = int(self._request("guest-exec", exec_arguments(cmd, in_data), "Cannot start the command")["pid"])
         delay = POLL_FIRST

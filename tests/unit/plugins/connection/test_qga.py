@@ -222,7 +222,9 @@ def connect(tmp_path: pathlib.Path) -> t.Iterator[Connect]:
     def make(guest: FakeGuest, **options: t.Any) -> tuple[t.Any, FakeAgent]:
         server = FakeAgent(str(tmp_path / f"qga{len(made)}.sock"), guest)
         connection = connection_loader.get("vmsnap.qemu.qga", PlayContext())
-        connection.set_options(direct={"socket": server.path, "connect_timeout": 2.0, "timeout": 5.0, **options})
+        connection.set_options(
+            direct={"socket": server.path, "connect_timeout": 2.0, "command_timeout": 5.0, **options}
+        )
         made.append((connection, server))
         return connection, server
 
@@ -251,7 +253,7 @@ def test_exec_polls_until_the_process_exited_and_returns_its_bytes(connect: Conn
 def test_a_command_past_its_timeout_fails_with_its_pid_and_is_not_killed(connect: Connect) -> None:
     guest = FakeGuest()
     guest.programs.append({"forever": True, "status": {}})
-    connection, server = connect(guest, timeout=0.4)
+    connection, server = connect(guest, command_timeout=0.4)
     started = time.monotonic()
     with pytest.raises(qga.QgaCommandTimeout) as info:
         connection.exec_command("sleep 1000")
