@@ -296,13 +296,18 @@ def remove_stale_temp_files(path: str) -> list[str]:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether the process runs; a killed task that nobody reaped yet (a zombie) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            return stat_file.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 def file_digest(path: str) -> tuple[int, str]:

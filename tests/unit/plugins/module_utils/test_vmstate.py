@@ -16,8 +16,10 @@ import os
 import stat
 import subprocess
 import sys
+import time
 import typing as t
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -201,6 +203,21 @@ def test_stale_temp_files_of_dead_tasks_are_removed_and_others_kept(tmp_path: t.
     removed = remove_stale_temp_files(str(tmp_path / "vm.vmstate"))
     assert removed == [str(tmp_path / f".vm.vmstate.vmsnap-tmp-{dead.pid}-1")]
     assert sorted(os.listdir(tmp_path)) == sorted(name for name, kept in names.items() if kept)
+
+
+def test_a_killed_task_that_nobody_reaped_yet_counts_as_gone(tmp_path: t.Any) -> None:
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # not waited for: it stays a zombie
+    deadline = time.monotonic() + 10
+    while b") Z " not in Path(f"/proc/{zombie.pid}/stat").read_bytes():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    (tmp_path / f".vm.vmstate.vmsnap-tmp-{zombie.pid}-1").write_bytes(b"x")
+    try:
+        assert remove_stale_temp_files(str(tmp_path / "vm.vmstate")) == [
+            str(tmp_path / f".vm.vmstate.vmsnap-tmp-{zombie.pid}-1")
+        ]
+    finally:
+        zombie.wait()
 
 
 def test_reserve_covers_ram_and_a_margin() -> None:
