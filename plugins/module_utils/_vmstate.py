@@ -638,8 +638,14 @@ def save_state(
         qmp.execute("migrate", {"uri": f"fd:{fd_name}"})
         if request.live:
             _wait_for_capture(qmp, request.timeout)
-            if stopped_by_us and not _is_running(qmp):
+            running = _is_running(qmp)
+            if stopped_by_us and not running:
                 qmp.execute("cont")
+            elif not facts.running and running:
+                outcome.warnings.append(
+                    f"QEMU {facts.qemu_version} resumed the paused guest once its state was captured (its background "
+                    "snapshot always does) and it ran while its RAM was written; the state holds the paused moment."
+                )
         _wait_for_completion(qmp, request)
     except BaseException as exc:
         target.discard()
