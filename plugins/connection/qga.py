@@ -357,6 +357,9 @@ class Connection(ConnectionBase):
         folder = os.path.dirname(b_out_path) or b"."
         fd, b_part = tempfile.mkstemp(dir=folder, prefix=b"." + os.path.basename(b_out_path) + b".", suffix=b".part")
         try:
+            umask = os.umask(0o022)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)  # the mode any other connection's download gets, not mkstemp's 0600
             with os.fdopen(fd, "wb") as target:
                 received = 0
                 while True:

@@ -317,6 +317,9 @@ def test_fetch_file_reads_chunks_until_eof_and_renames_into_place(
     connection.fetch_file("/var/log/empty", str(tmp_path / "empty"))
     assert (tmp_path / "big").read_bytes() == data
     assert (tmp_path / "empty").read_bytes() == b""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (tmp_path / "big").stat().st_mode & 0o777 == 0o666 & ~umask
     assert server.commands().count("guest-file-read") == 3 + 1  # the third read of big already says eof
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".sock")) == ["big", "empty"]
     assert not any(h["open"] for h in guest.handles.values())
