@@ -264,9 +264,11 @@ class Connection(ConnectionBase):
         """One agent command. The agent refusing it is a task failure; losing the agent makes the host unreachable."""
         if self._agent is None:
             self._connect()
-        assert self._agent is not None
+        agent = self._agent
+        if agent is None:  # _connect() raises when it cannot connect
+            raise AnsibleConnectionFailure(f"{what}: not connected to the guest agent of {self._host}.")
         try:
-            return self._agent.execute(command, arguments)
+            return agent.execute(command, arguments)
         except QmpError as exc:
             raise AnsibleError(f"{what}: qemu-guest-agent refused {command}: {exc.desc}") from None
         except VmsnapError as exc:
