@@ -61,11 +61,11 @@ options:
       - Seconds a command may run in the guest. A command still running after that fails the task with a message
         that says it timed out, and gives its process id in the guest, where it may still be running; it is not killed.
       - This bounds every command of a task separately, including the run of a module. Raise it for long tasks, for
-        example with C(vars) on the task.
+        example with C(vars) on the task. The default allows package upgrades; lower it to find hung commands sooner.
       - Each single request to the agent (one status poll, one file chunk) waits at most this long, and at least 30
         seconds; an agent that stops answering a request makes the host unreachable.
     type: float
-    default: 30
+    default: 600
     vars:
       - name: vmsnap_qga_timeout
     env:
