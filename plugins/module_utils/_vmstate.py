@@ -714,12 +714,9 @@ def _wait_for_capture(qmp: QmpClient, timeout: float) -> None:
         qmp.poll_events()
         if any(event.get("event") == "RESUME" for event in qmp.events):
             return
-        info = qmp.execute("query-migrate") or {}
-        status = info.get("status")
+        status, info = _migration(qmp)
         if status == "completed":
             return
-        if status in ("failed", "cancelled"):
-            raise VmStateError(_migration_failure(info), migration_status=status)
         ram = info.get("ram") or {}
         if status == "active" and ram.get("total") and int(ram.get("remaining", 0)) < int(ram["total"]):
             return  # RAM is iterated only after the device state was saved and RAM write-protected
@@ -734,12 +731,9 @@ def _wait_for_capture(qmp: QmpClient, timeout: float) -> None:
 def _wait_for_completion(qmp: QmpClient, request: SaveRequest) -> None:
     deadline = time.monotonic() + request.timeout
     while True:
-        info = qmp.execute("query-migrate") or {}
-        status = info.get("status")
+        status, dummy = _migration(qmp)
         if status == "completed":
             return
-        if status in ("failed", "cancelled"):
-            raise VmStateError(_migration_failure(info), migration_status=status)
         if time.monotonic() >= deadline:
             with contextlib.suppress(VmsnapError):
                 qmp.execute("migrate_cancel")
@@ -751,8 +745,16 @@ def _wait_for_completion(qmp: QmpClient, request: SaveRequest) -> None:
         time.sleep(_SLOW_POLL_SECONDS)
 
 
-def _migration_failure(info: dict[str, t.Any]) -> str:
-    return f"QEMU could not save the VM state: {info.get('error-desc') or info.get('status')}. Nothing was kept."
+def _migration(qmp: QmpClient) -> tuple[str | None, dict[str, t.Any]]:
+    """The outgoing migration's status and details; a failed or cancelled one raises."""
+    info = qmp.execute("query-migrate") or {}
+    status = info.get("status")
+    if status in ("failed", "cancelled"):
+        raise VmStateError(
+            f"QEMU could not save the VM state: {info.get('error-desc') or status}. Nothing was kept.",
+            migration_status=status,
+        )
+    return status, info
 
 
 def bring_to(qmp: QmpClient, after: str) -> str | None:

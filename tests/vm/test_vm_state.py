@@ -68,6 +68,19 @@ def quit_vm(guest: GuestVM) -> None:
     guest.close()
 
 
+def suspended(image: GuestImage, disks: list[Path], tmp_path: Path) -> Path:
+    """Boot the guest, save its state with after=quit; returns the state file once QEMU has exited."""
+    state = tmp_path / "vm.vmstate"
+    guest = boot(image, disks, tmp_path / "vm")
+    try:
+        saved = run_module(STATE, socket=str(guest.qmp_socket), path=str(state), after="quit")
+        assert not saved["failed"] and saved["vm_status"] is None, saved
+        guest._proc.wait(timeout=30)  # noqa: SLF001 - QEMU quit by itself
+    finally:
+        guest.close()
+    return state
+
+
 def restored_guest(guest: GuestVM) -> GuestVM:
     guest.attach_restored(timeout=30)
     return guest
@@ -199,14 +212,7 @@ def test_saved_after_quit_suspends_to_disk_and_absent_removes_both(
 def test_restore_refusals_keep_the_waiting_qemu_alive(
     guest_image: GuestImage, two_disks: list[Path], tmp_path: Path, case: str, expected: str
 ) -> None:
-    state = tmp_path / "vm.vmstate"
-    guest = boot(guest_image, two_disks, tmp_path / "vm")
-    try:
-        saved = run_module(STATE, socket=str(guest.qmp_socket), path=str(state), after="quit")
-        assert not saved["failed"], saved
-        guest._proc.wait(timeout=30)  # noqa: SLF001
-    finally:
-        guest.close()
+    state = suspended(guest_image, two_disks, tmp_path)
     disks, memory = list(two_disks), MEMORY_MIB
     if case == "a disk fewer":
         disks = disks[:1]
@@ -489,14 +495,7 @@ def test_a_state_qemu_cannot_load_is_reported_with_what_qemu_did(
     guest_image: GuestImage, disk: Path, tmp_path: Path
 ) -> None:
     """A file damaged before its sidecar was written (so the checksum cannot catch it): QEMU 7.2 exits."""
-    state = tmp_path / "vm.vmstate"
-    guest = boot(guest_image, [disk], tmp_path / "vm")
-    try:
-        saved = run_module(STATE, socket=str(guest.qmp_socket), path=str(state), after="quit")
-        assert not saved["failed"], saved
-        guest._proc.wait(timeout=30)  # noqa: SLF001
-    finally:
-        guest.close()
+    state = suspended(guest_image, [disk], tmp_path)
     os.truncate(state, state.stat().st_size // 2)
     sidecar_file = Path(str(state) + ".json")
     record = json.loads(sidecar_file.read_text())
