@@ -23,31 +23,33 @@ Usage (from the repo root, after `make deps copy`):  make bench-live   [BENCH_LI
 from __future__ import annotations
 
 import datetime
-import importlib
 import json
 import os
 import platform
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
-import time
 import typing as t
 from pathlib import Path
 
+from _guest_bench import (
+    COMMAND_TRUE,
+    HMP,
+    BenchGuest,
+    Monitor,
+    cpu_model,
+    hmp_round,
+    private_collections,
+    run_rounds,
+    spread,
+    tool_versions,
+    workspace,
+)
 from _timing import timed_play
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 ROUNDS = int(os.environ.get("BENCH_LIVE_ROUNDS", "5"))
 GUEST_MIB = int(os.environ.get("BENCH_LIVE_GUEST_MIB", "768"))
 TOUCHED_MIB = int(os.environ.get("BENCH_LIVE_TOUCHED_MIB", "512"))
-BOOT_TIMEOUT = 120.0
 MODULE = "vmsnap.qemu.qmp_live_snapshot"
-HMP = "hmp-savevm"
 # method -> label in the tables; HMP savevm is run by this script itself, the others through the module.
 METHODS = {
     "vmstate": "qmp_live_snapshot internal + vmstate (`snapshot-save`)",
@@ -57,71 +59,13 @@ METHODS = {
     HMP: "HMP `savevm` over QMP (raw, the seed's method)",
 }
 
-sys.path.insert(0, str(REPO / "tests" / "vm"))
-tiny_guest = importlib.import_module("tiny_guest")
-# The collection copy that `make copy` makes, copied once more into a private folder: a `make copy` elsewhere
-# during the run (it deletes and rebuilds build/src) must not pull the module away between plays.
-SOURCE = Path((os.environ.get("ANSIBLE_COLLECTIONS_PATH") or str(REPO / "build" / "src")).split(os.pathsep)[0])
-COLLECTIONS = Path(tempfile.mkdtemp(prefix="vmsnap-live-collections-"))
-shutil.copytree(SOURCE / "ansible_collections" / "vmsnap" / "qemu", COLLECTIONS / "ansible_collections/vmsnap/qemu")
-os.environ["ANSIBLE_COLLECTIONS_PATH"] = str(COLLECTIONS)
-sys.path.insert(0, str(COLLECTIONS))  # the pause_ms() and QMP client the module itself runs
-_qmp = importlib.import_module("ansible_collections.vmsnap.qemu.plugins.module_utils._qmp")
+# The collection copy that `make copy` makes, copied once more into a private folder.
+COLLECTIONS = private_collections("vmsnap-live-collections-")
+# The keys of a checkpoint's figures, in the order of module_round() (HMP savevm adds vmstate_mib).
+SAMPLE = ("downtime", "elapsed", "frozen", "wall", "baseline", "remove_wall", "remove_downtime", "observed")
 
 
-class EventObserver:
-    """A second QMP monitor that only listens: every event of the run, with QEMU's own timestamps."""
-
-    def __init__(self, path: Path) -> None:
-        self.events: list[dict[str, t.Any]] = []
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(10)
-        self._sock.connect(str(path))
-        self._file = self._sock.makefile("rb")
-        json.loads(self._file.readline())  # greeting
-        self._sock.sendall(b'{"execute": "qmp_capabilities"}\n')
-        json.loads(self._file.readline())
-        self._sock.settimeout(None)
-        self._thread = threading.Thread(target=self._listen, daemon=True)
-        self._thread.start()
-
-    def _listen(self) -> None:
-        try:
-            for line in self._file:
-                message = json.loads(line)
-                if "event" in message:
-                    self.events.append(message)
-        except (OSError, ValueError):
-            return
-
-    def mark(self) -> int:
-        time.sleep(0.2)  # let events QEMU already sent arrive
-        return len(self.events)
-
-    def pause_ms(self, start: int, end: int) -> float:
-        return _qmp.pause_ms([e for e in self.events[start:end] if e["event"] in ("STOP", "RESUME")])
-
-    def close(self) -> None:
-        self._sock.close()
-
-
-def fill_guest_ram(vm: t.Any) -> str:
-    """Touch TOUCHED_MIB of guest RAM with random data in a tmpfs big enough for it (/run is only half the RAM)."""
-    size = TOUCHED_MIB + 64
-    rc, out = vm.run(
-        f"mkdir -p /fill && mount -t tmpfs -o size={size}m tmpfs /fill && "
-        f"dd if=/dev/urandom of=/fill/ram bs=1M count={TOUCHED_MIB} && sync && df -m /fill && free -m",
-        timeout=900,
-    )
-    if rc != 0:
-        raise RuntimeError(f"filling the guest's RAM failed ({rc}): {out}")
-    rc, used = vm.run("du -m /fill/ram")
-    if rc != 0 or int(used.split()[0]) < TOUCHED_MIB:
-        raise RuntimeError(f"/fill/ram is not {TOUCHED_MIB} MiB: {used}")
-    return out
-
-
-def module_round(vm: t.Any, method: str, rnd: str, work: Path, observer: EventObserver) -> dict[str, t.Any]:
+def module_round(vm: t.Any, method: str, rnd: str, work: Path, observer: Monitor) -> dict[str, t.Any]:
     """One play: command: true, the snapshot, its removal. Returns the figures of this checkpoint."""
     args: dict[str, t.Any] = {"socket": str(vm.qmp_socket), "name": f"bench-{method}-{rnd}"}
     if method == "disk-only":
@@ -131,9 +75,7 @@ def module_round(vm: t.Any, method: str, rnd: str, work: Path, observer: EventOb
     if method == "external-quiesce":
         args.update(quiesce="required", guest_agent_socket=str(vm.qga_socket))
     results = {step: work / f"{method}-{rnd}-{step}.json" for step in ("create", "remove")}
-    tasks: list[dict[str, t.Any]] = [
-        {"name": "command-true", "ansible.builtin.command": {"argv": ["true"]}, "changed_when": False},
-    ]
+    tasks: list[dict[str, t.Any]] = [dict(COMMAND_TRUE)]
     for step, extra in (("create", {}), ("remove", {"state": "absent"})):
         tasks += [
             {"name": step, MODULE: dict(args, **extra), "register": "result"},
@@ -158,57 +100,12 @@ def module_round(vm: t.Any, method: str, rnd: str, work: Path, observer: EventOb
     }
 
 
-def hmp(qmp: t.Any, command: str) -> str:
-    reply = str(qmp.execute("human-monitor-command", {"command-line": command}, timeout=600))
-    if reply.strip():  # savevm and delvm print nothing unless they fail; errors are text, never QMP errors
-        raise RuntimeError(f"HMP {command} failed: {reply.strip()}")
-    return reply
-
-
-def hmp_round(vm: t.Any, rnd: str, observer: EventObserver) -> dict[str, t.Any]:
-    """Raw HMP savevm over the VM's QMP socket, its pause from STOP/RESUME exactly as the module computes it."""
-    tag = f"bench-hmp-{rnd}"
-    start = observer.mark()
-    wall_started = time.perf_counter()
-    with _qmp.QmpClient(str(vm.qmp_socket), 5.0, 600.0) as qmp:
-        qmp.poll_events()
-        qmp.take_events(("STOP", "RESUME"))
-        started = time.perf_counter()
-        hmp(qmp, f'savevm "{tag}"')
-        elapsed = (time.perf_counter() - started) * 1000
-        qmp.poll_events()
-        if not any(event.get("event") == "RESUME" for event in qmp.events):
-            resumed = qmp.wait_event(lambda event: event.get("event") == "RESUME", 5.0)
-            if resumed is not None:
-                qmp.events.append(resumed)
-        events = qmp.take_events(("STOP", "RESUME"))
-    wall = (time.perf_counter() - wall_started) * 1000
-    vmstate_mib = snapshot_vmstate_mib(vm, tag)
-    remove_started = time.perf_counter()
-    with _qmp.QmpClient(str(vm.qmp_socket), 5.0, 600.0) as qmp:
-        hmp(qmp, f'delvm "{tag}"')
-    remove_wall = (time.perf_counter() - remove_started) * 1000
-    end = observer.mark()
-    return {
-        "downtime": _qmp.pause_ms(events),
-        "elapsed": elapsed,
-        "frozen": None,
-        "wall": wall,
-        "baseline": None,
-        "remove_wall": remove_wall,
-        "remove_downtime": 0.0,
-        "observed": observer.pause_ms(start, end),
-        "vmstate_mib": vmstate_mib,
-    }
-
-
-def snapshot_vmstate_mib(vm: t.Any, tag: str) -> float:
-    with _qmp.QmpClient(str(vm.qmp_socket), 5.0, 60.0) as qmp:
-        for node in qmp.execute("query-named-block-nodes") or []:
-            for snap in (node.get("image") or {}).get("snapshots") or []:
-                if snap.get("name") == tag:
-                    return float(snap.get("vm-state-size", 0)) / 2**20
-    return 0.0
+def hmp_sample(vm: t.Any, rnd: str, observer: Monitor) -> dict[str, t.Any]:
+    """hmp_round(), the pause seen by the observer until after the delvm, vm-state-size in MiB (0 if none)."""
+    sample = hmp_round(
+        vm, rnd, observer, size_key="vmstate_mib", size_unit=2**20, size_missing=0.0, observe_removal=True
+    )
+    return {key: sample.get(key) for key in (*SAMPLE, "vmstate_mib")}
 
 
 def median(values: list[float | None]) -> float | None:
@@ -216,24 +113,8 @@ def median(values: list[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
-def spread(values: list[float | None], digits: int = 1) -> str:
-    present = [value for value in values if value is not None]
-    if not present:
-        return "-"
-    mid = statistics.median(present)
-    return f"{mid:.{digits}f} ({min(present):.{digits}f}-{max(present):.{digits}f})"
-
-
 def machine() -> str:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor(),
-    )
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
 def report(samples: dict[str, list[dict[str, t.Any]]], fill_out: str) -> None:
@@ -243,15 +124,10 @@ def report(samples: dict[str, list[dict[str, t.Any]]], fill_out: str) -> None:
     def mid(method: str, key: str) -> float:
         return median(column(method, key)) or 0.0
 
-    qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=True)
-    core = subprocess.run(
-        [str(Path(sys.executable).parent / "ansible"), "--version"], capture_output=True, text=True, check=True
-    )
+    qemu, core = tool_versions()
     print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"machine: {machine()}")
-    print(
-        f"tools: {qemu.stdout.splitlines()[0]} (TCG); {core.stdout.splitlines()[0]}; Python {platform.python_version()}"
-    )
+    print(f"tools: {qemu} (TCG); {core}; Python {platform.python_version()}")
     print(
         f"guest: tiny guest of tests/vm, {GUEST_MIB} MiB RAM, {TOUCHED_MIB} MiB of it random data in a tmpfs, idle; "
         f"one 64 MiB ext4 qcow2 disk; HMP savevm vm-state-size {median(column(HMP, 'vmstate_mib')):.0f} MiB; "
@@ -308,46 +184,21 @@ def report(samples: dict[str, list[dict[str, t.Any]]], fill_out: str) -> None:
 
 
 def main() -> int:
-    cache = tiny_guest.default_cache_dir()
-    samples: dict[str, list[dict[str, t.Any]]] = {method: [] for method in METHODS}
-    observer = None
-    # Short path: AF_UNIX socket paths are limited to 107 bytes.
-    work = Path(tempfile.mkdtemp(prefix="vmsnap-live-", dir=os.environ.get("BENCH_DIR")))
-    try:
-        image = tiny_guest.build_tiny_guest(cache)
-        disk = tiny_guest.make_ext4_qcow2(work / "data.qcow2", size_mib=64)
-        monitor = work / "vm" / "observer.sock"
-        extra = ["-qmp", f"unix:{monitor},server=on,wait=off"]
-        with tiny_guest.GuestVM(image, [disk], work / "vm", memory_mib=GUEST_MIB, extra_args=extra) as vm:
-            vm.wait_ready(BOOT_TIMEOUT)
-            print(f"guest up (QEMU pid {vm.pid}); filling {TOUCHED_MIB} MiB of its RAM", file=sys.stderr)
-            fill_out = fill_guest_ram(vm)
-            observer = EventObserver(monitor)
-            order = list(METHODS)
+    with workspace("vmsnap-live-", COLLECTIONS) as work:
+        bench = BenchGuest(work, GUEST_MIB)
+        with bench.booted(TOUCHED_MIB, 900, quiet=False, then=" && df -m /fill && free -m") as (vm, fill, observer):
             # One untimed round first: the first vmstate written into a fresh qcow2 also grows the file.
-            for index, rnd in enumerate(["warm-up", *map(str, range(ROUNDS))]):
-                shift = (index - 1) % len(order) if index else 0
-                ordered = order[shift:] + order[:shift]
-                # Reversed every other round, so no method always follows the same one.
-                for method in ordered[::-1] if index % 2 == 0 and index else ordered:
-                    # The vmstate of the step before (~600 MiB) must not be written back during this one.
-                    os.sync()
-                    if method == HMP:
-                        sample = hmp_round(vm, rnd, observer)
-                    else:
-                        sample = module_round(vm, method, rnd, work, observer)
-                    if rnd != "warm-up":
-                        samples[method].append(sample)
-                    print(f"round {rnd} {method}: {sample}", file=sys.stderr)
-            observer.close()
-            observer = None
-        report(samples, fill_out)
-        return 0
-    finally:
-        if observer is not None:
-            observer.close()
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(COLLECTIONS, ignore_errors=True)
+            samples = run_rounds(
+                METHODS,
+                ROUNDS,
+                lambda rnd, method: module_round(vm, method, rnd, work, observer),
+                lambda rnd: hmp_sample(vm, rnd, observer),
+                first=0,
+                repeat_first=True,
+                show=str,
+            )[0]
+        report(samples, fill["output"])
+    return 0
 
 
 if __name__ == "__main__":

@@ -32,154 +32,69 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import importlib
 import json
 import os
 import platform
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 import typing as t
 from pathlib import Path
 
+from _guest_bench import (
+    COMMAND_TRUE,
+    HMP,
+    MIB,
+    BenchGuest,
+    Monitor,
+    cpu_model,
+    guest,
+    hmp_round,
+    private_collections,
+    qmp_utils,
+    run_rounds,
+    snapshot_vmstate_size,
+    tool_versions,
+    workspace,
+)
+from _guest_bench import spread as spread_of
 from _timing import timed_play
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 ROUNDS = int(os.environ.get("BENCH_RAM_ROUNDS", "5"))
 RESTORES = int(os.environ.get("BENCH_RAM_RESTORES", "3"))  # per page-cache state (warm, cold)
 GUEST_MIB = int(os.environ.get("BENCH_RAM_GUEST_MIB", "1536"))
 FILL_MIB = int(os.environ.get("BENCH_RAM_FILL_MIB", "1024"))
-BOOT_TIMEOUT = 120.0
 TARGET = 50.0  # HMP savevm pause / external-with-RAM pause
 LIVE = "vmsnap.qemu.qmp_live_snapshot"
 STATE = "vmsnap.qemu.qmp_vm_state"
-EXTERNAL, INTERNAL, HMP = "external", "internal", "hmp-savevm"
+EXTERNAL, INTERNAL = "external", "internal"
 METHODS = {
     EXTERNAL: "qmp_live_snapshot external + vmstate (background-snapshot)",
     INTERNAL: "qmp_live_snapshot internal + vmstate (`snapshot-save`)",
     HMP: "HMP `savevm` over QMP (raw)",
 }
-MIB = 2**20
 
-sys.path.insert(0, str(REPO / "tests" / "vm"))
-tiny_guest = importlib.import_module("tiny_guest")
-# The collection copy that `make copy` made, copied once more into a private folder: a `make copy` elsewhere
-# during the run (it deletes and rebuilds build/src) must not pull the modules away between plays.
-SOURCE = Path((os.environ.get("ANSIBLE_COLLECTIONS_PATH") or str(REPO / "build" / "src")).split(os.pathsep)[0])
-COLLECTIONS = Path(tempfile.mkdtemp(prefix="vmsnap-ram-collections-"))
-shutil.copytree(SOURCE / "ansible_collections" / "vmsnap" / "qemu", COLLECTIONS / "ansible_collections/vmsnap/qemu")
-os.environ["ANSIBLE_COLLECTIONS_PATH"] = str(COLLECTIONS)
-sys.path.insert(0, str(COLLECTIONS))  # the pause_ms() and QMP client the modules themselves run
-_qmp = importlib.import_module("ansible_collections.vmsnap.qemu.plugins.module_utils._qmp")
-
-
-class Monitor:
-    """A second QMP monitor of this script alone: records every event (QEMU's timestamps), answers queries."""
-
-    def __init__(self, path: Path) -> None:
-        self.events: list[dict[str, t.Any]] = []
-        self._replies: dict[str, dict[str, t.Any]] = {}
-        self._cond = threading.Condition()
-        self._next_id = 0
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(10)
-        self._sock.connect(str(path))
-        self._file = self._sock.makefile("rb")
-        json.loads(self._file.readline())  # greeting
-        self._sock.sendall(b'{"execute": "qmp_capabilities"}\n')
-        json.loads(self._file.readline())
-        self._sock.settimeout(None)
-        self._thread = threading.Thread(target=self._listen, daemon=True)
-        self._thread.start()
-
-    def _listen(self) -> None:
-        try:
-            for line in self._file:
-                message = json.loads(line)
-                with self._cond:
-                    if "event" in message:
-                        self.events.append(message)
-                    elif "id" in message:
-                        self._replies[str(message["id"])] = message
-                    self._cond.notify_all()
-        except (OSError, ValueError):
-            return
-
-    def command(self, name: str, arguments: dict[str, t.Any] | None = None, timeout: float = 30.0) -> t.Any:
-        self._next_id += 1
-        ident = f"bench-{self._next_id}"
-        message: dict[str, t.Any] = {"execute": name, "id": ident}
-        if arguments is not None:
-            message["arguments"] = arguments
-        self._sock.sendall(json.dumps(message).encode() + b"\n")
-        with self._cond:
-            if not self._cond.wait_for(lambda: ident in self._replies, timeout):
-                raise RuntimeError(f"no reply to {name} on the observer monitor within {timeout} s")
-            reply = self._replies.pop(ident)
-        if "error" in reply:
-            raise RuntimeError(f"{name} failed: {reply['error']}")
-        return reply.get("return")
-
-    def mark(self) -> int:
-        time.sleep(0.2)  # let events QEMU already sent arrive
-        with self._cond:
-            return len(self.events)
-
-    def pause_ms(self, start: int, end: int) -> float:
-        with self._cond:
-            events = [e for e in self.events[start:end] if e["event"] in ("STOP", "RESUME")]
-        return _qmp.pause_ms(events)
-
-    def stops(self, start: int, end: int) -> int:
-        with self._cond:
-            return sum(1 for e in self.events[start:end] if e["event"] == "STOP")
-
-    def close(self) -> None:
-        self._sock.close()
-
-
-def guest(vm: t.Any, command: str, timeout: float = 60.0) -> str:
-    rc, out = vm.run(command, timeout=timeout)
-    if rc != 0:
-        raise RuntimeError(f"{command!r} failed in the guest ({rc}): {out}")
-    return str(out)
+# The collection copy that `make copy` made, copied once more into a private folder.
+COLLECTIONS = private_collections("vmsnap-ram-collections-")
+_qmp = qmp_utils()  # the QMP client the modules themselves run
 
 
 def meminfo_kib(vm: t.Any) -> dict[str, int]:
     fields = {}
     for line in guest(vm, "cat /proc/meminfo").splitlines():
-        name, _, rest = line.partition(":")
+        name, dummy, rest = line.partition(":")
         if rest.strip():
             fields[name.strip()] = int(rest.split()[0])
     return fields
 
 
-def fill_guest_ram(vm: t.Any) -> dict[str, t.Any]:
-    """FILL_MIB of random data in a tmpfs of its own (/run is only half the RAM); checks that RAM really holds it."""
-    started = time.perf_counter()
-    guest(
-        vm,
-        f"mkdir -p /fill && mount -t tmpfs -o size={FILL_MIB + 64}m tmpfs /fill && "
-        f"dd if=/dev/urandom of=/fill/ram bs=1M count={FILL_MIB} 2>/dev/null && sync",
-        timeout=1800,
-    )
-    seconds = time.perf_counter() - started
-    used_kib = int(guest(vm, "du -k /fill/ram").split()[0])  # tmpfs blocks: pages that exist
+def checked_fill(vm: t.Any, fill: dict[str, t.Any]) -> dict[str, t.Any]:
+    """fill_guest_ram()'s figures for FILL_MIB with df and meminfo, once Shmem says that RAM really holds the data."""
     info = meminfo_kib(vm)
-    if used_kib < FILL_MIB * 1024 or info.get("Shmem", 0) < FILL_MIB * 1024:
-        raise RuntimeError(f"/fill/ram does not hold {FILL_MIB} MiB of RAM: du {used_kib} KiB, meminfo {info}")
-    return {
-        "seconds": seconds,
-        "tmpfs_kib": used_kib,
-        "df": guest(vm, "df -k /fill").strip(),
-        "meminfo": info,
-    }
+    if info.get("Shmem", 0) < FILL_MIB * 1024:
+        raise RuntimeError(f"/fill/ram does not hold {FILL_MIB} MiB of RAM: meminfo {info}")
+    return dict(fill, df=guest(vm, "df -k /fill").strip(), meminfo=info)
 
 
 def play(tasks: list[dict[str, t.Any]], work: Path, name: str) -> dict[str, float]:
@@ -206,14 +121,6 @@ def read_result(path: Path) -> dict[str, t.Any]:
     return t.cast("dict[str, t.Any]", json.loads(path.read_text()))
 
 
-def snapshot_vmstate_bytes(monitor: Monitor, tag: str) -> int | None:
-    for node in monitor.command("query-named-block-nodes") or []:
-        for snap in (node.get("image") or {}).get("snapshots") or []:
-            if snap.get("name") == tag:
-                return int(snap.get("vm-state-size", 0))
-    return None
-
-
 def module_round(vm: t.Any, method: str, rnd: str, work: Path, monitor: Monitor) -> dict[str, t.Any]:
     """Play 1: command: true, the checkpoint. Then its size. Play 2: its removal (state=absent)."""
     name = f"bench-{method}-{rnd}"
@@ -221,7 +128,7 @@ def module_round(vm: t.Any, method: str, rnd: str, work: Path, monitor: Monitor)
     if method == EXTERNAL:
         args.update(mode="external", vmstate=True)
     created, removed = work / f"{method}-{rnd}-create.json", work / f"{method}-{rnd}-remove.json"
-    tasks = [{"name": "command-true", "ansible.builtin.command": {"argv": ["true"]}, "changed_when": False}]
+    tasks = [dict(COMMAND_TRUE)]
     start = monitor.mark()
     wall = play(tasks + module_tasks("create", LIVE, args, created), work, f"ram-{method}-{rnd}-create")
     end = monitor.mark()
@@ -248,7 +155,7 @@ def module_round(vm: t.Any, method: str, rnd: str, work: Path, monitor: Monitor)
             key: migration.get(key) for key in ("status", "setup-time", "downtime", "total-time")
         } | {f"ram-{key}": ram.get(key) for key in ("normal", "normal-bytes", "duplicate", "page-size", "total")}
     elif method == INTERNAL:
-        sample["state_bytes"] = snapshot_vmstate_bytes(monitor, name)
+        sample["state_bytes"] = snapshot_vmstate_size(monitor, name)
     remove_args = dict(args, state="absent")
     remove_args.pop("vmstate", None)
     start = monitor.mark()
@@ -265,48 +172,6 @@ def module_round(vm: t.Any, method: str, rnd: str, work: Path, monitor: Monitor)
     if method == EXTERNAL and create.get("vmstate_file"):
         sample["state_file_left"] = Path(create["vmstate_file"]).exists()
     return sample
-
-
-def hmp(qmp: t.Any, command: str) -> None:
-    reply = str(qmp.execute("human-monitor-command", {"command-line": command}, timeout=600))
-    if reply.strip():  # savevm and delvm print nothing unless they fail; errors are text, never QMP errors
-        raise RuntimeError(f"HMP {command} failed: {reply.strip()}")
-
-
-def hmp_round(vm: t.Any, rnd: str, monitor: Monitor) -> dict[str, t.Any]:
-    """Raw HMP savevm over the VM's QMP socket, its pause from STOP/RESUME exactly as the module computes it."""
-    tag = f"bench-hmp-{rnd}"
-    start = monitor.mark()
-    wall_started = time.perf_counter()
-    with _qmp.QmpClient(str(vm.qmp_socket), 5.0, 600.0) as qmp:
-        qmp.poll_events()
-        qmp.take_events(("STOP", "RESUME"))
-        started = time.perf_counter()
-        hmp(qmp, f'savevm "{tag}"')
-        elapsed = (time.perf_counter() - started) * 1000
-        qmp.poll_events()
-        if not any(event.get("event") == "RESUME" for event in qmp.events):
-            resumed = qmp.wait_event(lambda event: event.get("event") == "RESUME", 5.0)
-            if resumed is not None:
-                qmp.events.append(resumed)
-        events = qmp.take_events(("STOP", "RESUME"))
-    wall = (time.perf_counter() - wall_started) * 1000
-    end = monitor.mark()
-    state_bytes = snapshot_vmstate_bytes(monitor, tag)
-    remove_started = time.perf_counter()
-    with _qmp.QmpClient(str(vm.qmp_socket), 5.0, 600.0) as qmp:
-        hmp(qmp, f'delvm "{tag}"')
-    return {
-        "downtime": _qmp.pause_ms(events),
-        "elapsed": elapsed,
-        "wall": wall,
-        "baseline": None,
-        "observed": monitor.pause_ms(start, end),
-        "stops": monitor.stops(start, end),
-        "state_bytes": state_bytes,
-        "remove_wall": (time.perf_counter() - remove_started) * 1000,
-        "remove_downtime": 0.0,
-    }
 
 
 def anon_huge_kib(pid: int) -> int | None:
@@ -386,15 +251,14 @@ def save_for_restore(vm: t.Any, work: Path, monitor: Monitor) -> dict[str, t.Any
     }
 
 
-def restore_sample(
-    image: t.Any, disk: Path, kept: Path, work: Path, extra: list[str], state: Path, index: int, cold: bool, md5: str
-) -> dict[str, t.Any]:
+def restore_sample(bench: BenchGuest, kept: Path, state: Path, index: int, cold: bool, md5: str) -> dict[str, t.Any]:
     """A fresh QEMU with -incoming defer, qmp_vm_state state=restored, until the guest's shell answers."""
-    subprocess.run(["cp", "--sparse=always", str(kept), str(disk)], check=True)  # the disk as it was at the save
+    subprocess.run(["cp", "--sparse=always", str(kept), str(bench.disk)], check=True)  # the disk as at the save
     os.sync()
     if cold:
         drop_from_page_cache(state)
-    vm = tiny_guest.GuestVM(image, [disk], work / "vm", memory_mib=GUEST_MIB, extra_args=[*extra, "-incoming", "defer"])
+    vm = bench.vm("-incoming", "defer")
+    work = bench.work
     result = work / f"restore-{index}.json"
     args = {"socket": str(vm.qmp_socket), "path": str(state), "state": "restored"}
     sample: dict[str, t.Any] = {"cache": "cold" if cold else "warm"}
@@ -438,12 +302,7 @@ def values(samples: list[dict[str, t.Any]], key: str) -> list[float]:
 
 
 def spread(numbers: list[float], digits: int = 1) -> str:
-    if not numbers:
-        return "-"
-    return (
-        f"{statistics.median(numbers):.{digits}f} ({min(numbers):.{digits}f}-{max(numbers):.{digits}f}; "
-        f"n={len(numbers)})"
-    )
+    return spread_of(numbers, digits, count=True)
 
 
 def every(numbers: list[float], digits: int = 1) -> str:
@@ -455,25 +314,13 @@ def mib(value: float | None) -> str:
 
 
 def machine() -> list[str]:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor(),
-    )
-    qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=True)
-    core = subprocess.run(
-        [str(Path(sys.executable).parent / "ansible"), "--version"], capture_output=True, text=True, check=True
-    )
+    qemu, core = tool_versions()
     date = subprocess.run(["date"], capture_output=True, text=True, check=True).stdout.strip()
     return [
         f"date: {date} ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)",
-        f"machine: {cpu}, nproc {os.cpu_count()}, {platform.system()} {platform.release()}, "
+        f"machine: {cpu_model()}, nproc {os.cpu_count()}, {platform.system()} {platform.release()}, "
         f"load average at the end {os.getloadavg()[0]:.2f}",
-        f"tools: {qemu.stdout.splitlines()[0]}, TCG (no KVM); {core.stdout.splitlines()[0]}; "
-        f"Python {platform.python_version()}",
+        f"tools: {qemu}, TCG (no KVM); {core}; Python {platform.python_version()}",
     ]
 
 
@@ -684,72 +531,39 @@ def report(
 
 def main() -> int:
     began = time.perf_counter()
-    cache = tiny_guest.default_cache_dir()
-    samples: dict[str, list[dict[str, t.Any]]] = {method: [] for method in METHODS}
-    warmup: dict[str, dict[str, t.Any]] = {}
-    orders: list[list[str]] = []
     huge: dict[str, int | None] = {}
-    monitor = None
-    # Short path: AF_UNIX socket paths are limited to 107 bytes.
-    work = Path(tempfile.mkdtemp(prefix="vmsnap-ram-", dir=os.environ.get("BENCH_DIR")))
-    try:
-        image = tiny_guest.build_tiny_guest(cache)
-        disk = tiny_guest.make_ext4_qcow2(work / "data.qcow2", size_mib=64)
-        observer_socket = work / "vm" / "observer.sock"
-        extra = ["-qmp", f"unix:{observer_socket},server=on,wait=off"]
-        vm = tiny_guest.GuestVM(image, [disk], work / "vm", memory_mib=GUEST_MIB, extra_args=extra)
-        with vm:
-            vm.wait_ready(BOOT_TIMEOUT)
-            print(f"guest up (QEMU pid {vm.pid}); filling {FILL_MIB} MiB of its RAM", file=sys.stderr)
-            fill = fill_guest_ram(vm)
+    with workspace("vmsnap-ram-", COLLECTIONS) as work:
+        bench = BenchGuest(work, GUEST_MIB)
+        with bench.booted(FILL_MIB, 1800) as (vm, filled, monitor):
+            fill = checked_fill(vm, filled)
             print(f"filled in {fill['seconds']:.0f} s: {fill['df']}", file=sys.stderr)
-            monitor = Monitor(observer_socket)
             huge["before"] = anon_huge_kib(vm.pid)
-            order = list(METHODS)
-            for index, rnd in enumerate(["warm-up", *map(str, range(1, ROUNDS + 1))]):
-                shift = index % len(order)
-                ordered = order[shift:] + order[:shift]
-                ordered = ordered[::-1] if index % 2 else ordered  # no method always follows the same one
-                orders.append(ordered)
-                for method in ordered:
-                    os.sync()  # the state written by the step before must not be written back during this one
-                    if method == HMP:
-                        sample = hmp_round(vm, rnd, monitor)
-                    else:
-                        sample = module_round(vm, method, rnd, work, monitor)
-                    if rnd == "warm-up":
-                        warmup[method] = sample
-                    else:
-                        samples[method].append(sample)
-                    print(f"round {rnd} {method}: {json.dumps(sample)}", file=sys.stderr)
-                if rnd == "warm-up":
-                    huge["after-warm-up"] = anon_huge_kib(vm.pid)
+            samples, warmup, orders = run_rounds(
+                METHODS,
+                ROUNDS,
+                lambda rnd, method: module_round(vm, method, rnd, work, monitor),
+                lambda rnd: hmp_round(vm, rnd, monitor),
+                after_warm_up=lambda: huge.update({"after-warm-up": anon_huge_kib(vm.pid)}),
+            )
             huge["end"] = anon_huge_kib(vm.pid)
             os.sync()
             saved = save_for_restore(vm, work, monitor)
             print(f"saved for the restores: {saved}", file=sys.stderr)
-            monitor.close()
-            monitor = None
         restores: list[dict[str, t.Any]] = []
         state = t.cast(Path, saved["state"])
         sha = {"warm": 0.0, "cold": 0.0}
         if state.exists():
             kept = work / "data.qcow2.at-save"
-            subprocess.run(["cp", "--sparse=always", str(disk), str(kept)], check=True)
+            subprocess.run(["cp", "--sparse=always", str(bench.disk), str(kept)], check=True)
             sha["warm"] = sha256_seconds(state)
             drop_from_page_cache(state)
             sha["cold"] = sha256_seconds(state)
             for index in range(2 * RESTORES):
-                sample = restore_sample(image, disk, kept, work, extra, state, index, index % 2 == 1, saved["md5"])
+                sample = restore_sample(bench, kept, state, index, index % 2 == 1, saved["md5"])
                 restores.append(sample)
                 print(f"restore {index}: {sample}", file=sys.stderr)
         report(samples, warmup, orders, fill, huge, saved, restores, sha, time.perf_counter() - began)
-        return 0
-    finally:
-        if monitor is not None:
-            monitor.close()
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(COLLECTIONS, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
