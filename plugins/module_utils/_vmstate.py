@@ -648,6 +648,9 @@ def save_state(
                 )
         _wait_for_completion(qmp, request)
     except BaseException as exc:
+        if migrating:  # a save that is not going to be kept must not go on writing (a no-op once it ended)
+            with contextlib.suppress(VmsnapError):
+                qmp.execute("migrate_cancel")
         target.discard()
         settings.restore()
         if stopped_by_us:
@@ -735,8 +738,6 @@ def _wait_for_completion(qmp: QmpClient, request: SaveRequest) -> None:
         if status == "completed":
             return
         if time.monotonic() >= deadline:
-            with contextlib.suppress(VmsnapError):
-                qmp.execute("migrate_cancel")
             raise VmStateError(
                 f"Saving the VM state to {request.path} did not finish within {request.timeout:g} s (migration "
                 f"{status}); it was cancelled and nothing was kept. Raise timeout for a VM with this much RAM.",
