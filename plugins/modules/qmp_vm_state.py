@@ -61,8 +61,9 @@ options:
     required: true
   state:
     description:
-      - V(saved) writes the VM's state to O(path) unless a state file with a matching sidecar is there already.
-        The VM must be C(running) or C(paused).
+      - V(saved) writes the VM's state to O(path) unless a state file with a matching sidecar is there already
+        (then QEMU is not even contacted, so a VM that quit after its save does not fail a re-run). The VM must be
+        C(running) or C(paused).
       - V(restored) loads O(path) into a QEMU that waits for it (status C(inmigrate), started with the saved VM's
         command line plus C(-incoming defer)). Anything else is refused, and so is every difference between the
         sidecar and the waiting QEMU (QEMU version, machine type, RAM size, disks and their image files); that QEMU
@@ -180,7 +181,8 @@ elapsed_ms:
   type: float
   sample: 2350.2
 vm_status:
-  description: The VM's status after the task; null after O(after=quit).
+  description: The VM's status after the task; null after O(after=quit), and when O(state=saved) found the state
+    file complete and did not contact QEMU.
   returned: always
   type: str
   sample: running
@@ -332,14 +334,13 @@ def _saved(module: AnsibleModule, result: dict[str, t.Any]) -> None:
                 "refusing to guess. Delete both with state=absent, or replace them with force=true.",
                 path=path,
             )
+        # Complete already: nothing to ask QEMU, which may well be gone (after=quit, suspend to disk).
+        result.update(size=os.path.getsize(path), sidecar=sidecar.as_dict(), downtime_ms=0.0)
+        return
     before = _file_view(path, sidecar)
     with QmpClient(params["socket"], params["connect_timeout"], params["timeout"]) as qmp:
         vm = describe_vm(qmp)
         result["vm_status"] = vm["status"]
-        needs_save = params["force"] or not exists
-        if not needs_save:
-            result.update(size=os.path.getsize(path), sidecar=t.cast(Sidecar, sidecar).as_dict(), downtime_ms=0.0)
-            return
         facts = read_vm_facts(qmp, vm)
         refuse_unsaveable(facts, params["live"])
         result["changed"] = module.check_mode
