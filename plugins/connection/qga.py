@@ -332,13 +332,13 @@ class Connection(ConnectionBase):
             with open(b_in_path, "rb") as source:
                 for chunk in iter(lambda: source.read(CHUNK_SIZE), b""):
                     arguments = {"handle": handle, "buf-b64": base64.b64encode(chunk).decode("ascii")}
-                    count = int(self._request("guest-file-write", arguments, what)["count"])
+                    count = int(self._request("guest-file-write", arguments, what).get("count", -1))
                     if count != len(chunk):
                         raise AnsibleError(f"{what}: the agent wrote {count} of {len(chunk)} bytes at {written}.")
                     written += count
             self._request("guest-file-flush", {"handle": handle}, what)
             end = self._request("guest-file-seek", {"handle": handle, "offset": 0, "whence": "end"}, what)
-            size = int(end["position"])
+            size = int(end.get("position", -1))
         except BaseException:
             self._close_quietly(handle)
             raise
@@ -355,10 +355,11 @@ class Connection(ConnectionBase):
         self._require(FILE_COMMANDS, f"Cannot fetch {in_path}")
         what = f"Cannot read {in_path} from the guest"
         b_out_path = to_bytes(out_path, errors="surrogate_or_strict")
-        handle = self._request("guest-file-open", {"path": in_path, "mode": "rb"}, what)
         folder = os.path.dirname(b_out_path) or b"."
         fd, b_part = tempfile.mkstemp(dir=folder, prefix=b"." + os.path.basename(b_out_path) + b".", suffix=b".part")
+        handle = None
         try:
+            handle = self._request("guest-file-open", {"path": in_path, "mode": "rb"}, what)
             umask = os.umask(0o022)
             os.umask(umask)
             os.fchmod(fd, 0o666 & ~umask)  # the mode any other connection's download gets, not mkstemp's 0600
@@ -367,8 +368,8 @@ class Connection(ConnectionBase):
                 while True:
                     reply = self._request("guest-file-read", {"handle": handle, "count": CHUNK_SIZE}, what)
                     data = base64.b64decode(reply.get("buf-b64", ""), validate=True)
-                    if len(data) != int(reply["count"]):
-                        raise AnsibleError(f"{what}: the agent said {reply['count']} bytes but sent {len(data)}.")
+                    if len(data) != int(reply.get("count", -1)):
+                        raise AnsibleError(f"{what}: the agent said {reply.get('count')} bytes but sent {len(data)}.")
                     target.write(data)
                     received += len(data)
                     if reply.get("eof"):

@@ -234,6 +234,8 @@ def plan_live(
             _warn_disks_left_out(plan, vm["block_devices"])
     else:
         _plan_external(plan, disks)
+        if plan.state_file_action == "create":
+            _warn_disks_left_out(plan, vm["block_devices"])
     _plan_quiesce(plan)
     return plan
 
@@ -242,9 +244,10 @@ def _warn_disks_left_out(plan: LivePlan, block_devices: list[dict[str, t.Any]]) 
     chosen = [device.disk for device in plan.devices]
     left_out = [disk_label(disk) for disk in block_devices if disk["writable"] and not any(disk is c for c in chosen)]
     if left_out:
+        what = "revert brings back" if plan.request.state == "reverted" else "checkpoint saves"
         plan.warnings.append(
-            f"The revert brings back RAM but leaves the writable disks {', '.join(left_out)} as they are now. If the "
-            "guest has file systems on them mounted, its restored page cache no longer matches them; check them."
+            f"The {what} RAM but leaves the writable disks {', '.join(left_out)} out. If the guest has file "
+            "systems on them mounted, a restored page cache will no longer match them; include them in devices."
         )
 
 

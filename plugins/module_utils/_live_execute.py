@@ -200,8 +200,10 @@ def _create_with_ram(qmp: QmpClient, plan: LivePlan, outcome: LiveOutcome) -> No
     facts = read_vm_facts(qmp, describe_vm(qmp))
     claimed = _claim_overlays(devices)
     taken: list[dict[str, str]] = []
+    sent = []  # once the transaction was sent, QEMU may use the files (a refusal removes them itself)
 
     def overlays_in_the_pause() -> list[dict[str, str]]:
+        sent.append(True)
         _overlay_transaction(qmp, devices, claimed, request.timeout)
         taken.extend(
             {"disk": device.label, "overlay": t.cast(str, device.overlay), "base": str(device.disk["file"])}
@@ -220,9 +222,13 @@ def _create_with_ram(qmp: QmpClient, plan: LivePlan, outcome: LiveOutcome) -> No
     except LiveSnapshotError:
         raise  # the transaction failed: nothing was taken, the claimed files are gone
     except VmsnapError as exc:
-        if not taken:
+        if not sent:
             removed, problems = _remove_files(claimed)
             exc.details.update(removed_overlays=removed, leftover_overlays=problems)
+            raise
+        if not taken:  # no answer to the transaction: the overlays may be in use, so they stay
+            exc.msg += f" The overlay transaction got no answer; the overlay files {', '.join(claimed)} were kept."
+            exc.details.update(changed=True, leftover_overlays=claimed)
             raise
         raise LiveSnapshotError(
             f"The overlays of checkpoint {request.name!r} were taken, but saving its RAM state failed: {exc.msg} "

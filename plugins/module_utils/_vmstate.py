@@ -49,14 +49,16 @@ SIDECAR_FORMAT = 1
 STATE_MAGIC = b"QEVM"
 GZIP_MAGIC = b"\x1f\x8b"
 BACKGROUND_SNAPSHOT_SINCE = (6, 0, 0)
-# Room for device state and the stream's page headers on top of the RAM itself.
-_MARGIN_MIN_BYTES = 64 * 1024 * 1024
-_MARGIN_RAM_DIVISOR = 32
+# Room on top of the guest RAM for the page headers, device state and the RAM blocks of devices that the stream
+# also carries (video memory: up to 256 MiB of VGA, QXL's 64+64+16 MiB; option ROMs). Unused reserve is trimmed.
+_MARGIN_MIN_BYTES = 384 * 1024 * 1024
+_MARGIN_RAM_DIVISOR = 16
 # Saving into a local file: QEMU's default limit (128 MiB/s) only slows the save down.
 _SAVE_BANDWIDTH = 64 * 1024 * 1024 * 1024
 _POLL_SECONDS = 0.005
 _SLOW_POLL_SECONDS = 0.05
 _QUIT_SECONDS = 30.0
+_CANCEL_SECONDS = 30.0
 _GZIP_LEVEL = 1
 _CHUNK = 1024 * 1024
 TEMP_MARK = ".vmsnap-tmp-"
@@ -554,12 +556,15 @@ class _MigrationSettings:
                 "This QEMU has no background-snapshot migration capability; live=true cannot work. "
                 "live=false works: it pauses the guest while its RAM is written."
             )
-        harmless = ("events", "zero-blocks", "block", "background-snapshot")
+        # Every other capability changes what the stream holds (block: every disk's contents, far beyond the space
+        # reserved) or how it is encoded (a restore would need it too), and most rule out a background snapshot.
+        harmless = ("events", "zero-blocks", "background-snapshot")
         blocking = [name for name, on in caps.items() if on and name not in harmless]
-        if self.live and blocking:
+        if blocking:
             raise ValidationError(
-                f"The VM has migration capabilities on that rule out a background snapshot: {', '.join(blocking)}. "
-                "Switch them off, or use live=false."
+                f"The VM has migration capabilities on that a state file must not be saved with: "
+                f"{', '.join(blocking)} (they change what the file holds, or rule out a background snapshot). "
+                "Switch them off with migrate-set-capabilities first; nothing was saved."
             )
         if caps.get("background-snapshot") and not self.live:
             self._set_background_snapshot(False)  # left on by a killed task: a plain save must not be one
@@ -620,13 +625,16 @@ def save_state(
     remove_stale_temp_files(request.path)
     target = _StateTarget(request.path, reserve_bytes(facts.ram_size))
     settings = _MigrationSettings(qmp, request.live)
+    fd_name = f"vmsnap-state-{os.getpid()}"
     started = time.monotonic()
-    stopped_by_us = migrating = False
+    stopped_by_us = False
+    fd_given = False
+    migrate = "not sent"  # not sent | sent | refused | accepted
     overlays: list[dict[str, str]] = []
     try:
         settings.apply()
-        fd_name = f"vmsnap-state-{os.getpid()}"
         qmp.execute("getfd", {"fdname": fd_name}, fd=target.fd)
+        fd_given = True
         qmp.poll_events()
         qmp.take_events(("STOP", "RESUME"))
         if facts.running:
@@ -634,8 +642,13 @@ def save_state(
             stopped_by_us = True
         if while_paused is not None:
             overlays = while_paused()
-        migrating = True
-        qmp.execute("migrate", {"uri": f"fd:{fd_name}"})
+        migrate = "sent"  # until QEMU answers: no answer means it may be running
+        try:
+            qmp.execute("migrate", {"uri": f"fd:{fd_name}"})
+        except QmpError:
+            migrate = "refused"  # nothing of ours runs (what does may be someone else's)
+            raise
+        migrate = "accepted"
         if request.live:
             _wait_for_capture(qmp, request.timeout)
             running = _is_running(qmp)
@@ -648,24 +661,71 @@ def save_state(
                 )
         _wait_for_completion(qmp, request)
     except BaseException as exc:
-        if migrating:  # a save that is not going to be kept must not go on writing (a no-op once it ended)
-            with contextlib.suppress(VmsnapError):
-                qmp.execute("migrate_cancel")
+        problems = _abandon_save(qmp, migrate, fd_name if fd_given else None, settings, request.timeout)
         target.discard()
-        settings.restore()
         if stopped_by_us:
             _resume_quietly(qmp)
         if isinstance(exc, VmsnapError):
+            if problems:
+                exc.msg += f" Cleaning up: {'; '.join(problems)}."
             exc.details.setdefault("overlays_taken", overlays)
             # Paused and resumed, or a save started and thrown away: the VM went through something.
-            exc.details.setdefault("changed", stopped_by_us or migrating or bool(overlays))
+            exc.details.setdefault("changed", stopped_by_us or migrate != "not sent" or bool(overlays))
         raise
-    outcome.warnings.extend(settings.restore())
-    if request.after == "running":
-        # The stream is complete: a guest that was paused for it (live=false) need not wait for fsync and gzip.
-        outcome.vm_status = bring_to(qmp, "running")
-    outcome.downtime_ms, outcome.left_paused = pause_of_this_task(qmp, wait_for_resume=request.live)
-    finished, size, digest = target.finish(request.compress)
+    try:
+        outcome.warnings.extend(settings.restore())
+        if request.after == "running":
+            # The stream is complete: a guest that was paused for it (live=false) need not wait for fsync and gzip.
+            outcome.vm_status = bring_to(qmp, "running")
+        outcome.downtime_ms, outcome.left_paused = pause_of_this_task(qmp, wait_for_resume=request.live)
+        outcome.sidecar = _put_in_place(target, request, facts, overlays)
+        outcome.elapsed_ms = round((time.monotonic() - started) * 1000, 3)
+        if request.after != "running":
+            outcome.vm_status = bring_to(qmp, request.after)
+    except VmsnapError as exc:
+        exc.details.setdefault("changed", True)  # the VM's state was written, and the VM went through a save
+        exc.details.setdefault("overlays_taken", overlays)
+        raise
+    return outcome
+
+
+def _abandon_save(
+    qmp: QmpClient, migrate: str, fd_name: str | None, settings: _MigrationSettings, timeout: float
+) -> list[str]:
+    """After a failure: stop a save that may run (never one QEMU refused to start: that may be someone else's),
+    wait until it has ended, give back a descriptor QEMU never used, and put the migration settings back."""
+    problems: list[str] = []
+    with contextlib.suppress(VmsnapError):
+        status = (qmp.execute("query-migrate") or {}).get("status")
+        if migrate in ("sent", "accepted"):
+            if status in _ACTIVE_MIGRATION:
+                qmp.execute("migrate_cancel")
+            deadline = time.monotonic() + min(timeout, _CANCEL_SECONDS)
+            while status in _ACTIVE_MIGRATION and time.monotonic() < deadline:
+                time.sleep(_SLOW_POLL_SECONDS)
+                status = (qmp.execute("query-migrate") or {}).get("status")
+            if status in _ACTIVE_MIGRATION:
+                problems.append(f"the cancelled save is still {status}; check query-migrate")
+    if fd_name is not None and migrate in ("not sent", "refused"):
+        with contextlib.suppress(VmsnapError):  # QEMU keeps a descriptor that no migration took until closefd
+            qmp.execute("closefd", {"fdname": fd_name})
+    problems.extend(settings.restore())
+    return problems
+
+
+def _put_in_place(
+    target: _StateTarget, request: SaveRequest, facts: VmFacts, overlays: list[dict[str, str]]
+) -> Sidecar:
+    """Trim, fsync, compress; then the sidecar and the file are renamed into place (in that order)."""
+    try:
+        finished, size, digest = target.finish(request.compress)
+    except OSError as exc:
+        target.discard()
+        raise VmStateError(
+            f"QEMU wrote the state, but finishing the file{' (compressing it)' if request.compress else ''} failed: "
+            f"{exc.strerror or exc}. Nothing was kept.",
+            path=request.path,
+        ) from None
     sidecar = Sidecar(
         file=os.path.basename(request.path),
         size=size,
@@ -691,13 +751,8 @@ def save_state(
         raise VmStateError(
             f"QEMU wrote the state, but putting it in place as {request.path} failed: {exc.strerror or exc}.",
             path=request.path,
-            overlays_taken=overlays,
         ) from None
-    outcome.sidecar = sidecar
-    outcome.elapsed_ms = round((time.monotonic() - started) * 1000, 3)
-    if request.after != "running":
-        outcome.vm_status = bring_to(qmp, request.after)
-    return outcome
+    return sidecar
 
 
 def _is_running(qmp: QmpClient) -> bool:
@@ -812,7 +867,7 @@ def refuse_unrestorable(path: str, sidecar: Sidecar | None, facts: VmFacts, allo
 
 def already_restored_into(sidecar: Sidecar | None, facts: VmFacts) -> bool:
     """Whether this module restored this state into exactly this QEMU process before."""
-    if sidecar is None or not sidecar.last_restore or facts.process is None:
+    if sidecar is None or not isinstance(sidecar.last_restore, dict) or facts.process is None:
         return False
     return (
         sidecar.last_restore.get("pid") == facts.process.pid
@@ -828,7 +883,8 @@ def restore_state(
     outcome = RestoreOutcome()
     started = time.monotonic()
     feeder: _GunzipFeeder | None = None
-    loading = False
+    fd_name: str | None = None
+    incoming = "not sent"  # not sent | refused | sent (QEMU is loading, or may be)
     source_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if sidecar.compression == "gzip":
@@ -836,37 +892,57 @@ def restore_state(
             give = feeder.read_end
         else:
             give = source_fd
+        qmp.execute("getfd", {"fdname": f"vmsnap-restore-{os.getpid()}"}, fd=give)
         fd_name = f"vmsnap-restore-{os.getpid()}"
-        qmp.execute("getfd", {"fdname": fd_name}, fd=give)
         if feeder is not None:
             feeder.start()
-        loading = True
-        qmp.execute("migrate-incoming", {"uri": f"fd:{fd_name}"})
+        incoming = "sent"
+        try:
+            qmp.execute("migrate-incoming", {"uri": f"fd:{fd_name}"})
+        except QmpError:
+            incoming = "refused"
+            raise
         _wait_for_load(qmp, path, timeout, feeder)
+        outcome.elapsed_ms = round((time.monotonic() - started) * 1000, 3)
+        status = (qmp.execute("query-status") or {}).get("status")
+        if after == "paused" and status == "running":
+            outcome.warnings.append(
+                "QEMU resumed the guest by itself as soon as the state was loaded (the state was saved while the "
+                "guest ran, and QEMU was started without -S); it was paused again right away."
+            )
+        outcome.vm_status = bring_to(qmp, after)
     except VmsnapError as exc:
-        exc.details.setdefault("changed", loading)
+        if fd_name is not None and incoming != "sent":
+            with contextlib.suppress(VmsnapError):
+                qmp.execute("closefd", {"fdname": fd_name})
+        exc.details.setdefault("changed", incoming == "sent")
         raise
     finally:
         if feeder is not None:
             feeder.close()
         os.close(source_fd)
-    outcome.elapsed_ms = round((time.monotonic() - started) * 1000, 3)
-    status = (qmp.execute("query-status") or {}).get("status")
-    if after == "paused" and status == "running":
-        outcome.warnings.append(
-            "QEMU resumed the guest by itself as soon as the state was loaded (the state was saved while the guest "
-            "ran, and QEMU was started without -S); it was paused again right away."
-        )
-    outcome.vm_status = bring_to(qmp, after)
-    if facts.process is not None:
-        sidecar.last_restore = {
-            "pid": facts.process.pid,
-            "start_ticks": facts.process.start_ticks,
-            "sha256": sidecar.sha256,
-            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-        write_json_atomic(sidecar_path(path), sidecar.as_dict())
+    _record_restore(path, sidecar, facts, outcome)
     return outcome
+
+
+def _record_restore(path: str, sidecar: Sidecar, facts: VmFacts, outcome: RestoreOutcome) -> None:
+    """Note in the sidecar which QEMU process got this state, so that a second restored knows."""
+    if facts.process is None:
+        outcome.warnings.append("The QEMU process behind the socket is unknown; a second restored will be refused.")
+        return
+    sidecar.last_restore = {
+        "pid": facts.process.pid,
+        "start_ticks": facts.process.start_ticks,
+        "sha256": sidecar.sha256,
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        write_json_atomic(sidecar_path(path), sidecar.as_dict())
+    except OSError as exc:
+        outcome.warnings.append(
+            f"The state was restored, but recording that in {sidecar_path(path)} failed ({exc.strerror or exc}); "
+            "a second restored into this QEMU will be refused instead of reported unchanged."
+        )
 
 
 def _wait_for_load(qmp: QmpClient, path: str, timeout: float, feeder: _GunzipFeeder | None) -> None:
@@ -890,9 +966,14 @@ def _wait_for_load(qmp: QmpClient, path: str, timeout: float, feeder: _GunzipFee
         if migration.get("status") == "failed":
             raise VmStateError(f"QEMU could not load the state from {path}: {migration.get('error-desc')}.")
         if time.monotonic() >= deadline:
+            fed = (
+                " This task decompresses the file into QEMU: once it ends, QEMU reads a cut-off state and (7.2) exits."
+                if feeder is not None
+                else ""
+            )
             raise VmStateError(
                 f"Loading the state from {path} did not finish within {timeout:g} s; QEMU is still loading it "
-                f"(status {status}).",
+                f"(status {status}).{fed}",
                 vm_status=status,
             )
         time.sleep(_POLL_SECONDS)

@@ -81,6 +81,8 @@ options:
         and says why.
       - V(false) pauses the guest for the whole save. QEMU then reports the VM as C(postmigrate) (paused, its disks
         released) until it is resumed.
+      - A VM that is paused already is saved as it is, but QEMU 7.2's background snapshot resumes it while its RAM is
+        written (the task warns; O(after) then pauses it again). Use V(false) to keep such a VM paused throughout.
     type: bool
     default: true
   after:
@@ -170,8 +172,10 @@ size:
 downtime_ms:
   description:
     - O(state=saved) - how long the guest was paused for the save, in milliseconds, from the timestamps of QEMU's
-      C(STOP) and C(RESUME) events. With O(after=paused) or O(after=quit), a guest still paused at the end counts
-      until then. V(0) when nothing was saved.
+      C(STOP) and C(RESUME) events. With O(live=true) that is the short pause of the capture (the pause that
+      O(after=paused) or O(after=quit) asks for at the end is not counted). With O(live=false) it lasts until the
+      guest is resumed (O(after=running)), or counts until the file is finished otherwise. V(0) when nothing was
+      saved.
   returned: success
   type: float
   sample: 31.4
@@ -310,7 +314,7 @@ def _file_view(path: str, sidecar: Sidecar | None) -> dict[str, t.Any]:
         return {"state_file": None, "sidecar": sidecar is not None}
     return {
         "state_file": path,
-        "size": os.path.getsize(path),
+        "size": os.lstat(path).st_size,
         "sha256": sidecar.sha256 if sidecar else None,
         "sidecar": sidecar is not None,
     }

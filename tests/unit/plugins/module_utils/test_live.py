@@ -272,7 +272,7 @@ def test_reverted_warns_about_writable_disks_left_out(live: Load) -> None:
     live_plan = plan(live("mixed-snapshots"), name="ckpt", state="reverted", devices=("drive0", "disk2"))
     assert actions(live_plan) == {"drive0": "revert", "disk2": "revert"}
     (warning,) = live_plan.warnings
-    assert "leaves the writable disks drive1 as they are now" in warning
+    assert warning.startswith("The revert brings back RAM but leaves the writable disks drive1 out.")
     without_raw = live("mixed-snapshots")
     without_raw.vm["block_devices"] = [d for d in without_raw.vm["block_devices"] if d["device"] != "drive1"]
     assert plan(without_raw, name="ckpt", state="reverted", devices=("drive0", "disk2")).warnings == []
@@ -364,6 +364,14 @@ def test_external_with_vmstate_plans_a_state_file_beside_the_first_disk(live: Lo
     assert [d.action for d in live_plan.devices] == ["create", "create"] and live_plan.changed
     assert live_plan.diff()["before"]["vmstate_file"] is None
     assert live_plan.diff()["after"]["vmstate_file"] == f"{tmp_path}/a.vmsnap-e3.vmstate"
+
+
+def test_external_with_vmstate_warns_about_writable_disks_left_out(live: Load, tmp_path: t.Any) -> None:
+    fresh = live("mixed-fresh", root=tmp_path)
+    live_plan = plan(fresh, name="ckpt", mode="external", vmstate=True, devices=("drive0",))
+    (warning,) = live_plan.warnings
+    assert warning.startswith("The checkpoint saves RAM but leaves the writable disks drive1, vd2 out.")
+    assert plan(fresh, name="ckpt", mode="external", devices=("drive0",)).warnings == []  # disk-only: no RAM
 
 
 def test_external_vmstate_defaults_to_false_and_internal_to_true() -> None:

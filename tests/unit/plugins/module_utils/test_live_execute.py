@@ -743,3 +743,86 @@ def test_required_fails_before_the_snapshot_when_the_freeze_fails(connect, live)
     with pytest.raises(GuestAgentError, match="fsfreeze is not supported"):
         execute_live(qmp, _quiesced_plan(live), FakeFreezer(journal, freeze_error="fsfreeze is not supported"))
     assert "transaction" not in journal
+
+
+# --- external checkpoints with RAM: failures in the pause ------------------------------------------------------
+
+
+def _ram_checkpoint_vm(recording: Recording, monkeypatch: pytest.MonkeyPatch) -> FakeVm:
+    """A FakeVm that also answers what a RAM save asks; describe_vm() gives the recorded view."""
+    monkeypatch.setattr(_live_execute, "describe_vm", lambda qmp: recording.vm)
+    vm = FakeVm(recording.nodes)
+    caps = [{"capability": "background-snapshot", "state": False}, {"capability": "events", "state": False}]
+    answers = {
+        "query-memory-size-summary": {"base-memory": 64 * 1024 * 1024},
+        "qom-get": "pc-q35-7.2-machine",
+        "query-migrate-capabilities": caps,
+        "query-migrate-parameters": {"max-bandwidth": 134217728},
+        "query-migrate": {},
+    }
+    for command, value in answers.items():
+        vm.hooks[command] = lambda message, server, value=value: [reply(message, value)]
+    for command in ("migrate-set-capabilities", "migrate-set-parameters", "getfd", "closefd", "migrate_cancel"):
+        vm.hooks[command] = lambda message, server: [reply(message, {})]
+
+    def set_status(status: str) -> Handler:
+        def handler(message: Message, server: FakeQmp) -> list[Message]:
+            vm.status = status
+            return [reply(message, {}), event("STOP" if status == "paused" else "RESUME", 10, 0)]
+
+        return handler
+
+    vm.hooks["stop"] = set_status("paused")
+    vm.hooks["cont"] = set_status("running")
+    return vm
+
+
+def _checkpoint_plan(recording: Recording, tmp_path: t.Any) -> LivePlan:
+    live_plan = plan(recording, mode="external", vmstate=True, devices=("drive0", "disk2"), timeout=1.0)
+    assert live_plan.state_file == f"{tmp_path}/disk0.vmsnap-new.vmstate"
+    return live_plan
+
+
+def test_a_checkpoint_whose_transaction_gets_no_answer_keeps_the_overlays(connect, live, tmp_path, monkeypatch) -> None:
+    recording = live("mixed-fresh", root=tmp_path)
+    vm = _ram_checkpoint_vm(recording, monkeypatch)
+    vm.hooks["transaction"] = lambda message, server: []  # QEMU may have switched the disks: no answer
+    server, qmp = connect(vm)
+    live_plan = _checkpoint_plan(recording, tmp_path)
+    with pytest.raises(VmsnapError) as info:
+        execute_live(qmp, live_plan, None)
+    overlays = [device.overlay for device in live_plan.devices]
+    assert f"got no answer; the overlay files {', '.join(t.cast('list[str]', overlays))} were kept" in info.value.msg
+    assert all(os.path.exists(path) for path in overlays)  # never deleted under a QEMU that may use them
+    assert info.value.details["changed"] is True and info.value.details["leftover_overlays"] == overlays
+    assert "migrate" not in server.commands() and server.commands()[-2:] == ["query-status", "cont"]
+    assert "closefd" in server.commands()  # the descriptor QEMU never used is given back
+    assert not [name for name in os.listdir(tmp_path) if ".vmsnap-tmp-" in name or name.endswith(".vmstate")]
+
+
+def test_a_checkpoint_whose_transaction_is_refused_removes_the_overlays(connect, live, tmp_path, monkeypatch) -> None:
+    recording = live("mixed-fresh", root=tmp_path)
+    vm = _ram_checkpoint_vm(recording, monkeypatch)
+    vm.hooks["transaction"] = _transaction_that_fails(created=1, desc="Permission denied")
+    server, qmp = connect(vm)
+    live_plan = _checkpoint_plan(recording, tmp_path)
+    with pytest.raises(LiveSnapshotError, match="QEMU refused the external snapshot: Permission denied"):
+        execute_live(qmp, live_plan, None)
+    assert not any(os.path.lexists(device.overlay) for device in live_plan.devices)
+    assert vm.status == "running" and "closefd" in server.commands() and "migrate" not in server.commands()
+
+
+def test_a_checkpoint_whose_save_is_refused_keeps_its_overlays_and_cancels_nothing(
+    connect, live, tmp_path, monkeypatch
+) -> None:
+    recording = live("mixed-fresh", root=tmp_path)
+    vm = _ram_checkpoint_vm(recording, monkeypatch)
+    vm.hooks["migrate"] = lambda message, server: [qmp_error(message, "There's a migration process in progress")]
+    server, qmp = connect(vm)
+    live_plan = _checkpoint_plan(recording, tmp_path)
+    with pytest.raises(LiveSnapshotError, match="overlays of checkpoint 'new' were taken, but saving its RAM") as info:
+        execute_live(qmp, live_plan, None)
+    assert info.value.details["snapshot_taken"] is True
+    assert all(os.path.exists(device.overlay) for device in live_plan.devices)
+    assert "migrate_cancel" not in server.commands()  # the migration in progress is someone else's
+    assert "closefd" in server.commands() and vm.status == "running"

@@ -28,7 +28,7 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import (
     InsufficientSpaceError,
     ValidationError,
 )
-from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient
+from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient, QmpError
 from ansible_collections.vmsnap.qemu.plugins.module_utils._vmstate import (
     QemuProcess,
     SaveRequest,
@@ -221,8 +221,8 @@ def test_a_killed_task_that_nobody_reaped_yet_counts_as_gone(tmp_path: t.Any) ->
 
 
 def test_reserve_covers_ram_and_a_margin() -> None:
-    assert reserve_bytes(128 * MIB) == 192 * MIB
-    assert reserve_bytes(4096 * MIB) == 4096 * MIB + 128 * MIB
+    assert reserve_bytes(128 * MIB) == 512 * MIB  # video memory and ROMs do not shrink with the guest RAM
+    assert reserve_bytes(8192 * MIB) == 8192 * MIB + 512 * MIB
 
 
 @pytest.mark.parametrize(
@@ -258,6 +258,7 @@ class FakeSaver:
         self.polls_until_done = polls_until_done
         self.running = True
         self.migrating = False
+        self.ended: str | None = None  # completed | failed | cancelled, once query-migrate said so
         self.polls = 0
         self.capabilities = {"background-snapshot": False, "events": False, "xbzrle": False}
         self.bandwidth = 134217728
@@ -272,6 +273,8 @@ class FakeSaver:
         if command == "query-migrate-capabilities":
             return [reply(message, [{"capability": k, "state": v} for k, v in self.capabilities.items()])]
         if command == "migrate-set-capabilities":
+            if self.migrating and self.ended is None:  # as QEMU: not while a migration runs
+                return [qmp_error(message, "There's a migration process in progress")]
             for cap in args["capabilities"]:
                 self.capabilities[cap["capability"]] = cap["state"]
             return [reply(message, {})]
@@ -297,7 +300,10 @@ class FakeSaver:
             return messages
         if command == "query-migrate":
             return [reply(message, self._migration())]
-        if command in ("getfd", "transaction", "migrate_cancel", "quit"):
+        if command == "migrate_cancel":
+            self.outcome, self.polls = "cancelled", self.polls_until_done
+            return [reply(message, {})]
+        if command in ("getfd", "closefd", "transaction", "quit"):
             return [reply(message, {})]
         return [qmp_error(message, f"unexpected {command}")]
 
@@ -306,6 +312,7 @@ class FakeSaver:
             return {}
         self.polls += 1
         if self.polls > self.polls_until_done and self.outcome != "active":
+            self.ended = self.outcome
             done: dict[str, t.Any] = {"status": self.outcome}
             if self.outcome == "failed":
                 done["error-desc"] = "Unable to write to file: No space left on device"
@@ -385,13 +392,15 @@ def test_a_paused_vm_is_not_stopped_and_stays_paused(serve: t.Any, states: t.Any
 
 
 def test_a_failed_save_keeps_nothing_and_resumes_the_guest(serve: t.Any, states: t.Any) -> None:
-    saver = FakeSaver(resumes_itself=False, outcome="failed")
+    saver = FakeSaver(resumes_itself=False, outcome="failed", polls_until_done=0)  # fails before the capture
     server, qmp = saving(serve, saver)
     with pytest.raises(VmStateError, match="Unable to write to file: No space left on device. Nothing was kept") as err:
         save_state(qmp, facts(), SaveRequest(path=str(states / "vm.vmstate"), timeout=5))
     assert err.value.details["changed"] is True
     assert os.listdir(states) == []
-    assert saver.running and saver.capabilities["background-snapshot"] is False
+    assert saver.running and saver.capabilities["background-snapshot"] is False and saver.bandwidth == 134217728
+    after_migrate = server.commands()[server.commands().index("migrate") :]
+    assert after_migrate[-1] == "cont" and "migrate_cancel" not in after_migrate  # it had ended: nothing to cancel
 
 
 def test_a_save_that_outlives_its_timeout_is_cancelled_and_never_reported_done(serve: t.Any, states: t.Any) -> None:
@@ -401,6 +410,8 @@ def test_a_save_that_outlives_its_timeout_is_cancelled_and_never_reported_done(s
         save_state(qmp, facts(), SaveRequest(path=str(states / "vm.vmstate"), timeout=0.3))
     assert "migrate_cancel" in server.commands()
     assert not any(name.startswith("vm.vmstate") or ".vmsnap-tmp-" in name for name in os.listdir(states))
+    # The settings go back only once the cancelled save has ended (QEMU refuses them before).
+    assert saver.capabilities["background-snapshot"] is False and saver.bandwidth == 134217728
 
 
 def test_no_space_is_refused_before_qemu_is_touched(serve: t.Any, states: t.Any, monkeypatch: t.Any) -> None:
@@ -410,9 +421,9 @@ def test_no_space_is_refused_before_qemu_is_touched(serve: t.Any, states: t.Any,
     monkeypatch.setattr(_vmstate.os, "posix_fallocate", no_space)
     saver = FakeSaver()
     server, qmp = saving(serve, saver)
-    with pytest.raises(InsufficientSpaceError, match="it needs up to 201326592 bytes") as err:
+    with pytest.raises(InsufficientSpaceError, match="it needs up to 536870912 bytes") as err:
         save_state(qmp, facts(), SaveRequest(path=str(states / "vm.vmstate"), timeout=5))
-    assert err.value.details["needed_bytes"] == 192 * MIB
+    assert err.value.details["needed_bytes"] == 512 * MIB
     assert commands(server) == []
     assert not any(".vmsnap-tmp-" in name or name.startswith("vm.") for name in os.listdir(states))
 
@@ -421,7 +432,7 @@ def test_capabilities_that_rule_out_a_background_snapshot_are_refused(serve: t.A
     saver = FakeSaver()
     saver.capabilities["xbzrle"] = True
     server, qmp = saving(serve, saver)
-    with pytest.raises(ValidationError, match="rule out a background snapshot: xbzrle"):
+    with pytest.raises(ValidationError, match="a state file must not be saved with: xbzrle"):
         save_state(qmp, facts(), SaveRequest(path=str(states / "vm.vmstate"), timeout=5))
     assert "stop" not in server.commands() and "migrate" not in server.commands()
 
@@ -437,3 +448,20 @@ def test_background_snapshot_left_on_by_a_killed_task_is_switched_off_for_a_plai
     assert sets == [{"capabilities": [{"capability": "background-snapshot", "state": False}]}]
     assert server.commands().index("migrate-set-capabilities") < server.commands().index("migrate")
     assert json.loads(json.dumps(saver.capabilities))["background-snapshot"] is False
+
+
+def test_a_refused_save_cancels_nothing_and_gives_the_descriptor_back(serve: t.Any, states: t.Any) -> None:
+    saver = FakeSaver()
+
+    def refuse_migrate(message: Message, server: FakeQmp) -> list[Message]:
+        if message["execute"] == "migrate":
+            return [qmp_error(message, "There's a migration process in progress")]
+        return saver(message, server)
+
+    server, qmp = saving(serve, refuse_migrate)  # type: ignore[arg-type]
+    with pytest.raises(QmpError, match="migration process in progress") as err:
+        save_state(qmp, facts(), SaveRequest(path=str(states / "vm.vmstate"), timeout=5))
+    assert err.value.details["changed"] is True  # stopped and resumed
+    assert "migrate_cancel" not in server.commands()  # the migration in progress is not this task's
+    assert server.sent("closefd") == [("closefd", {"fdname": f"vmsnap-state-{os.getpid()}"})]
+    assert saver.running and os.listdir(states) == []
