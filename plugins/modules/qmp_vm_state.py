@@ -127,6 +127,11 @@ notes:
     the whole file is written.'
   - If a task is killed during a save, QEMU finishes writing into the temporary file, which is never renamed into
     place (and is removed by the next save to the same O(path)); the next task waits for that save to end.
+  - The save sets QEMU's C(background-snapshot) capability and a high C(max-bandwidth) for its own migration and puts
+    both back afterwards, also after a failure. A VM with other migration capabilities on (C(block), C(xbzrle),
+    C(compress), C(multifd), ...) is refused, because they change what the file holds.
+  - The state is handed to QEMU as a descriptor (C(fd:)). QEMU 9.1 and later warn that C(fd:) on a plain file is
+    deprecated in favour of C(file:); this module has only been tested with QEMU 7.2.
 seealso:
   - module: vmsnap.qemu.qmp_live_snapshot
   - module: vmsnap.qemu.qemu_vm_info
