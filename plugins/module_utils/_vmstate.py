@@ -121,14 +121,10 @@ class QemuProcess:
     @classmethod
     def of(cls, qmp: QmpClient) -> QemuProcess | None:
         pid = qmp.peer_pid()
-        if pid is None:
+        fields = _proc_stat(pid) if pid is not None else None
+        if pid is None or fields is None or len(fields) < 20 or not fields[19].isdigit():
             return None
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as stat_file:
-                fields = stat_file.read().rsplit(b")", 1)[1].split()
-            return cls(pid, int(fields[19]))  # field 22 of stat(5), counted after "pid (comm)"
-        except (OSError, IndexError, ValueError):
-            return None
+        return cls(pid, int(fields[19]))  # starttime, field 22 of stat(5), counted after "pid (comm)"
 
     def cmdline(self) -> list[str] | None:
         try:
@@ -305,11 +301,17 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    fields = _proc_stat(pid)
+    return not fields or fields[0] != b"Z"
+
+
+def _proc_stat(pid: int) -> list[bytes] | None:
+    """/proc/PID/stat's fields after "pid (comm)" (state first), or None when it cannot be read."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat_file:
-            return stat_file.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+            return stat_file.read().rsplit(b")", 1)[1].split()
     except (OSError, IndexError):
-        return True
+        return None
 
 
 def file_digest(path: str) -> tuple[int, str]:
@@ -883,7 +885,8 @@ def restore_state(
     outcome = RestoreOutcome()
     started = time.monotonic()
     feeder: _GunzipFeeder | None = None
-    fd_name: str | None = None
+    fd_name = f"vmsnap-restore-{os.getpid()}"
+    fd_given = False
     incoming = "not sent"  # not sent | refused | sent (QEMU is loading, or may be)
     source_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -892,8 +895,8 @@ def restore_state(
             give = feeder.read_end
         else:
             give = source_fd
-        qmp.execute("getfd", {"fdname": f"vmsnap-restore-{os.getpid()}"}, fd=give)
-        fd_name = f"vmsnap-restore-{os.getpid()}"
+        qmp.execute("getfd", {"fdname": fd_name}, fd=give)
+        fd_given = True
         if feeder is not None:
             feeder.start()
         incoming = "sent"
@@ -912,7 +915,7 @@ def restore_state(
             )
         outcome.vm_status = bring_to(qmp, after)
     except VmsnapError as exc:
-        if fd_name is not None and incoming != "sent":
+        if fd_given and incoming != "sent":
             with contextlib.suppress(VmsnapError):
                 qmp.execute("closefd", {"fdname": fd_name})
         exc.details.setdefault("changed", incoming == "sent")
@@ -959,12 +962,10 @@ def _wait_for_load(qmp: QmpClient, path: str, timeout: float, feeder: _GunzipFee
                 "with -incoming defer.",
                 qemu_exited=True,
             ) from None
-        if status != "inmigrate" and migration.get("status") not in _ACTIVE_MIGRATION:
-            if migration.get("status") == "failed":
-                raise VmStateError(f"QEMU could not load the state from {path}: {migration.get('error-desc')}.")
-            return
         if migration.get("status") == "failed":
             raise VmStateError(f"QEMU could not load the state from {path}: {migration.get('error-desc')}.")
+        if status != "inmigrate" and migration.get("status") not in _ACTIVE_MIGRATION:
+            return
         if time.monotonic() >= deadline:
             fed = (
                 " This task decompresses the file into QEMU: once it ends, QEMU reads a cut-off state and (7.2) exits."
