@@ -308,6 +308,7 @@ def main() -> t.NoReturn:
         else:
             _transition(module, current, record, now, result)
     except VmsnapError as exc:
+        result.pop("msg")
         exc.do_fail(module, **result)
     module.exit_json(**result)
 
