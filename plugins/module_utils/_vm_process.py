@@ -273,6 +273,7 @@ def _start_argv(argv: list[str], socket_path: str, timeout: float, connect_timeo
                     rc=rc,
                     output=tail,
                     started_with=argv,
+                    changed=False,  # nothing is left running
                 )
 
         try:

@@ -274,6 +274,7 @@ def main() -> t.NoReturn:
         else:
             _stop(module, vm, method, result)
     except VmsnapError as exc:
+        result.pop("msg", None)  # the error's message replaces the plan's
         exc.do_fail(module, **result)
     module.exit_json(**result)
 
