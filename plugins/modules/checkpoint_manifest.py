@@ -113,8 +113,8 @@ notes:
     belongs to no action group.
   - Two tasks that change the same manifest at the same time are not serialized; the last write wins.
 requirements:
-  - qemu-img, only for O(verify=true) of a checkpoint whose images the built-in reader declines (for example one
-    that a running QEMU holds).
+  - qemu-img on the hypervisor for O(verify=true) of an open or rolled back checkpoint (images that no process holds
+    are mostly read by the collection's own qcow2 reader, but qemu-img must be installed).
 seealso:
   - module: vmsnap.qemu.qmp_live_snapshot
   - module: vmsnap.qemu.qcow2_snapshot
@@ -324,7 +324,8 @@ def _validate(params: dict[str, t.Any]) -> dict[str, t.Any]:
         raise ValidationError(f"record only goes with state=pending or state=open, not state={params['state']}.")
     if params["keep_for"] is not None:
         params["keep_for"] = parse_duration(params["keep_for"])
-    # The argument spec leaves record unchecked (a typo must fail, not vanish); the core checks it.
+    # No suboptions in the argument spec: they would set every key that is not given to null, and open merges
+    # only the given keys over the pending record. The core checks the keys and values instead.
     return normalize_record(params["record"])
 
 
@@ -375,9 +376,14 @@ def _transition(
         return
     if not plan.write:
         folders.missing = []
-    prepare_folders(params["dir"], params["vm"], folders)
-    if plan.write and plan.manifest is not None:
-        write_manifest(result["path"], plan.manifest)
+    try:
+        prepare_folders(params["dir"], params["vm"], folders)
+        if plan.write and plan.manifest is not None:
+            write_manifest(result["path"], plan.manifest)
+    except OSError as exc:
+        # The write is atomic: the manifest is still the one before the task; folders may have been made or fixed.
+        result.update(changed=bool(folders.loose or folders.missing), exists=current is not None, manifest=current)
+        raise ManifestError(f"Cannot write manifest {result['path']}: {exc.strerror or exc}.") from None
 
 
 if __name__ == "__main__":

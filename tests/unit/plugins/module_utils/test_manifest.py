@@ -637,3 +637,12 @@ class QemuVm:
             self.conn.close()
         self.proc.kill()
         self.proc.wait()
+
+
+def test_oversized_manifest_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / VM / "pre-upgrade.json"
+    path.parent.mkdir()
+    with open(path, "wb") as handle:
+        handle.truncate(16 * 1024 * 1024 + 1)
+    with pytest.raises(ManifestError, match="is larger than 16777216 bytes; the file was left untouched"):
+        read_manifest(str(path), VM, NAME)

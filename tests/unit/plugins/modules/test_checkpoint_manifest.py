@@ -8,6 +8,7 @@ state through ansible are in tests/vm/test_checkpoint_manifest.py."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -224,3 +225,22 @@ def test_damaged_or_linked_manifest_fails_untouched(run: t.Callable[..., dict[st
     result = run(state="pending")
     assert result["failed"] and result["msg"] == f"Manifest {path} is a symlink; refusing to follow it."
     assert not (tmp_path / "elsewhere.json").exists()
+
+
+def test_failed_write_keeps_the_old_manifest(
+    run: t.Callable[..., dict[str, t.Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run(state="pending", record={"method": "offline"})
+    before = tree(tmp_path)
+
+    def full_disk(src: str, dst: str) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "rename", full_disk)  # the last step of the atomic write fails
+    result = run(state="open")
+    monkeypatch.undo()
+    path = tmp_path / "manifests" / VM / f"{NAME}.json"
+    assert result["failed"] and not result["changed"]
+    assert result["msg"] == f"Cannot write manifest {path}: No space left on device."
+    assert result["manifest"]["state"] == "pending" and result["exists"]
+    assert tree(tmp_path) == before  # no temporary file left, the pending manifest as it was
