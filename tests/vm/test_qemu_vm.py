@@ -82,7 +82,7 @@ class Vm:
         return qemu_argv(self.sock, self.disk, daemonize)
 
     def run(self, state: str, check: bool = False, **args: t.Any) -> dict[str, t.Any]:
-        result = run_module(VM, check=check, socket=str(self.sock), state=state, **args)
+        result = run_module(VM, check=check, diff=True, socket=str(self.sock), state=state, **args)
         if result.get("pid"):
             self.pids.add(int(result["pid"]))
         return result
@@ -127,6 +127,7 @@ def test_started_and_stopped_with_a_daemonizing_argv(vm: Vm) -> None:
     assert cmdline(real["pid"])[-1] == "-daemonize"
     assert again["previous_status"] == "running" and again["started_with"] is None
     assert again_check["status"] == "running"
+    assert '-    "status": "stopped"\n+    "status": "running"' in check["_stdout"]  # the diff
     pid = real["pid"]
 
     check, real, again, again_check = vm.four_runs("stopped", start_argv=argv)
@@ -134,6 +135,7 @@ def test_started_and_stopped_with_a_daemonizing_argv(vm: Vm) -> None:
     assert real["pid"] == pid and real["status"] == "stopped" and real["killed"] is False
     assert gone(pid) and answers(vm.sock) is None
     assert again["previous_status"] == "stopped" and again["pid"] is None and again_check["status"] == "stopped"
+    assert '-    "status": "running"\n+    "status": "stopped"' in check["_stdout"]
 
 
 def test_incoming_with_a_foreground_argv_and_a_state_round_trip(vm: Vm, tmp_path: Path) -> None:
