@@ -64,7 +64,7 @@ demo: deps copy
 	ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) $(VENV)/bin/ansible-playbook -i localhost, demo/ram_checkpoint.yml
 
 # Each layer stops the run when it fails; the last line counts the layers that passed.
-TEST_LAYERS := ruff changelog-lint sanity units integration vm-tests lint galaxy
+TEST_LAYERS := ruff changelog-lint sanity units integration vm-tests examples lint galaxy
 
 .PHONY: test
 test: deps
@@ -93,7 +93,7 @@ integration:
 	VENV=$(VENV) SRC=$(CURDIR) WORK=$(ANSIBLE_TEST_WORK) STEPS=integration tools/ansible-test.sh
 
 .PHONY: lint
-lint:
+lint: copy
 	cd $(COLLECTION_COPY) && ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) PATH=$(VENV)/bin:$$PATH \
 		$(VENV)/bin/ansible-lint --profile production --strict
 
@@ -104,6 +104,18 @@ galaxy:
 	cd $(COLLECTION_COPY) && $(VENV)/bin/ansible-galaxy collection build --force --output-path $(BUILD)
 	env -u ANSIBLE_COLLECTIONS_PATH $(VENV)/bin/ansible-galaxy collection install $(TARBALL) -p $(INSTALL_ROOT)
 	VENV=$(VENV) INSTALL_ROOT=$(INSTALL_ROOT) tools/smoke-installed.sh
+
+# Every playbook of examples/ against real VMs (one without a guest OS, and the tiny guest of tests/vm).
+.PHONY: examples
+examples: copy
+	ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) $(VENV)/bin/python tests/examples/run_examples.py
+
+# Build the collection from this tree and install it where Ansible looks by default (or into COLLECTIONS_DIR).
+COLLECTIONS_DIR ?= $(HOME)/.ansible/collections
+.PHONY: install
+install: $(VENV)/.installed copy
+	cd $(COLLECTION_COPY) && $(VENV)/bin/ansible-galaxy collection build --force --output-path $(BUILD)
+	$(VENV)/bin/ansible-galaxy collection install --force $(TARBALL) -p $(COLLECTIONS_DIR)
 
 # The tiny real Linux guest (tests/vm): built from Debian packages into ~/.cache/vmsnap.qemu/guest (or
 # $VMSNAP_GUEST_CACHE), booted under TCG;
