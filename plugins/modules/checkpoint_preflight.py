@@ -42,7 +42,7 @@ attributes:
   idempotent:
     support: full
     details:
-      - RV(changed) is always V(false); the flush of O(quiesce) leaves the guest as it was.
+      - C(changed) is always V(false); the flush of O(quiesce) leaves the guest as it was.
   platform:
     description: The target operating system.
     support: full
@@ -50,7 +50,7 @@ attributes:
 options:
   vm:
     description:
-      - The VM's name, used in every message (C(VM web01: ...)).
+      - "The VM's name, used in every message (C(VM web01: ...))."
     type: str
     required: true
   name:
@@ -120,7 +120,7 @@ options:
       - When the agent is missing or silent, V(best_effort) warns and V(required) refuses.
       - A stopped VM's disks are consistent as they are; for V(offline) the agent is not asked.
     type: str
-    choices: [off, best_effort, required]
+    choices: ["off", best_effort, required]
     default: "off"
   guest_agent_socket:
     description:
@@ -257,9 +257,15 @@ disks:
       type: str
       sample: /var/lib/vms/web01.vmsnap-pre-upgrade.qcow2
   sample:
-    - {file: /var/lib/vms/web01.qcow2, format: qcow2, device: drive0, node_name: "#block123",
-       qdev: /machine/peripheral-anon/device[0]/virtio-backend, virtual_size: 21474836480, snapshots: 0,
-       chain_depth: 0, overlay: /var/lib/vms/web01.vmsnap-pre-upgrade.qcow2}
+    - file: /var/lib/vms/web01.qcow2
+      format: qcow2
+      device: drive0
+      node_name: "#block123"
+      qdev: /machine/peripheral-anon/device[0]/virtio-backend
+      virtual_size: 21474836480
+      snapshots: 0
+      chain_depth: 0
+      overlay: /var/lib/vms/web01.vmsnap-pre-upgrade.qcow2
 state_file:
   description: The RAM state file of an external checkpoint; null for the other methods.
   returned: success
