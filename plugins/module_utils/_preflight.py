@@ -340,8 +340,8 @@ def bitmap_warnings(preflight: Preflight) -> list[str]:
     if preflight.method == "external":
         return []
     return [
-        f"VM {preflight.request.vm}: disk {disk.file} has dirty bitmaps ({', '.join(disk.bitmaps)}): QEMU refuses to roll back an internal "
-        "snapshot while they exist, so the rollback will have to remove them first."
+        f"VM {preflight.request.vm}: disk {disk.file} has dirty bitmaps ({', '.join(disk.bitmaps)}): QEMU refuses "
+        "to roll back an internal snapshot while they exist, so the rollback will have to remove them first."
         for disk in preflight.view.disks
         if disk.bitmaps
     ]

@@ -20,6 +20,7 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._preflight import (
     PreflightRequest,
     SpaceNeed,
     VmView,
+    bitmap_warnings,
     check_counts,
     count_after,
     decide_method,
@@ -343,3 +344,12 @@ def test_space_message_without_ram_names_snapshot_growth() -> None:
 )  # fmt: skip
 def test_human_size(size: int, text: str) -> None:
     assert human_size(size) == text
+
+
+def test_dirty_bitmaps_warn_for_internal_and_offline_only() -> None:
+    disk = qcow2("/v/a.qcow2")
+    disk.bitmaps = ("nightly",)
+    request = PreflightRequest(vm="web01", name="cp1")
+    assert bitmap_warnings(Preflight(request, stopped_view([disk]), "external")) == []
+    [warning] = bitmap_warnings(Preflight(request, stopped_view([disk]), "offline"))
+    assert warning.startswith("VM web01: disk /v/a.qcow2 has dirty bitmaps (nightly): QEMU refuses to roll back")
