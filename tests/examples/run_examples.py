@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import typing as t
 from pathlib import Path
 
@@ -44,7 +45,6 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._guest_agent import Gu
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient  # noqa: E402
 
 ANSIBLE_PLAYBOOK = Path(os.environ.get("VMSNAP_ANSIBLE_PLAYBOOK") or REPO / ".venv" / "bin" / "ansible-playbook")
-MIB = 1024 * 1024
 BOOT_SECONDS = 90.0
 
 # Every playbook in examples/. The scenario runs them in two chains side by side (db01's and the others), in this
@@ -101,12 +101,22 @@ class Runner:
     def in_parallel(self, *chains: t.Callable[[], None]) -> None:
         """Independent chains of examples side by side (2 cores); every failure of every chain is reported."""
         with concurrent.futures.ThreadPoolExecutor(len(chains)) as pool:
-            futures = [pool.submit(chain) for chain in chains]
+            futures = [pool.submit(self.naming_failures, chain) for chain in chains]
         failures = [f.exception() for f in futures if f.exception() is not None]
         for failure in failures[1:]:
             print(f"FAILED example examples/{getattr(failure, 'example', '?')}: {failure}", file=sys.stderr)
         if failures:
             raise failures[0]  # type: ignore[misc]
+
+    def naming_failures(self, chain: t.Callable[[], None]) -> None:
+        """Any error (a helper's, QEMU's, the guest's) becomes a failure of the example the chain was at."""
+        try:
+            chain()
+        except ExampleFailed:
+            raise
+        except Exception as exc:  # reported with the example's name, traceback included
+            trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            raise ExampleFailed(self.current, trace) from exc
 
     def check(self, condition: bool, message: str) -> None:
         if not condition:
@@ -396,7 +406,7 @@ def main() -> int:
     started = time.monotonic()
     print(f"make examples: {len(COVERED)} playbooks of examples/ against real VMs in {work}", flush=True)
     try:
-        runner.run()
+        runner.naming_failures(runner.run)
     except ExampleFailed as exc:
         print(f"FAILED example examples/{exc.example}: {exc.message}", file=sys.stderr)
         return 1
