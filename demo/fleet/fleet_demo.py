@@ -184,11 +184,15 @@ def run_pre_upgrade(folder: Path, inventory: Path) -> tuple[int, Path]:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=folder, text=True)
         assert proc.stdout is not None
         progress = Progress(started)
-        for line in proc.stdout:
-            log.write(line)
-            progress.feed(line)
-        progress.flush()
-        proc.wait()
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                progress.feed(line)
+            progress.flush()
+        finally:  # interrupted: the playbook must not go on against VMs that are about to be stopped
+            if proc.poll() is None:
+                proc.terminate()
+            proc.wait()
     return proc.returncode, report
 
 
