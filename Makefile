@@ -72,7 +72,7 @@ demo-more: deps copy
 	ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) $(VENV)/bin/ansible-playbook -i localhost, demo/ram_checkpoint.yml
 
 # Each layer stops the run when it fails; the last line counts the layers that passed.
-TEST_LAYERS := ruff changelog-lint sanity units integration vm-tests examples lint galaxy
+TEST_LAYERS := ruff changelog-lint sanity units integration vm-tests examples molecule lint galaxy
 
 .PHONY: test
 test: deps
@@ -117,6 +117,13 @@ galaxy:
 .PHONY: examples
 examples: copy
 	ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) $(VENV)/bin/python tests/examples/run_examples.py
+
+# The molecule scenarios of extensions/molecule (default driver, no Docker; real VMs in /tmp/vmsnap-molecule or
+# $VMSNAP_MOLECULE_DIR): the roles from the copy (prerun is off), each scenario with molecule's idempotence step.
+.PHONY: molecule
+molecule: copy
+	cd $(COLLECTION_COPY) && ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) PATH=$(VENV)/bin:$$PATH \
+		$(VENV)/bin/molecule test --all
 
 # Build the collection from this tree and install it where Ansible looks by default (or into COLLECTIONS_DIR).
 COLLECTIONS_DIR ?= $(HOME)/.ansible/collections
