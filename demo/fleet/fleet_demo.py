@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO / "tests" / "vm"))
 sys.path.insert(0, COLLECTIONS)
 
 import yaml  # noqa: E402
-from tiny_guest import GuestVM, build_tiny_guest, default_cache_dir, make_ext4_qcow2  # noqa: E402
+from tiny_guest import GuestImage, GuestVM, build_tiny_guest, default_cache_dir, make_ext4_qcow2  # noqa: E402
 
 from ansible_collections.vmsnap.qemu.plugins.filter.report import report_lines  # noqa: E402
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import VmsnapError  # noqa: E402
@@ -78,7 +78,7 @@ LOOK_FIELDS = ("version", "state", "sessions", "boot_id", "agent_pid")
 class Guest:
     """One tiny guest, started daemonized with the command line that vmsnap_vm_start repeats."""
 
-    def __init__(self, folder: Path, name: str, image: t.Any) -> None:
+    def __init__(self, folder: Path, name: str, image: GuestImage) -> None:
         self.name = name
         self.folder = folder / name
         self.folder.mkdir(parents=True)
@@ -94,9 +94,9 @@ class Guest:
     def run(self, command: str, connect_timeout: float = 5.0) -> tuple[int, str]:
         """command with /bin/sh in the guest, through its agent (guest-exec): (exit status, stdout + stderr)."""
         with GuestAgentClient(str(self.qga), connect_timeout=connect_timeout, command_timeout=30) as agent:
-            pid = agent.execute("guest-exec", {"path": "/bin/sh", "arg": ["-c", command], "capture-output": True})
+            started = agent.execute("guest-exec", {"path": "/bin/sh", "arg": ["-c", command], "capture-output": True})
             for dummy in range(300):
-                status = agent.execute("guest-exec-status", {"pid": pid["pid"]})
+                status = agent.execute("guest-exec-status", {"pid": started["pid"]})
                 if status.get("exited"):
                     out = base64.b64decode(status.get("out-data", "")) + base64.b64decode(status.get("err-data", ""))
                     return int(status.get("exitcode", -1)), out.decode(errors="replace")
