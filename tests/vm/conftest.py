@@ -27,6 +27,7 @@ def run_module(module: str, *, check: bool = False, diff: bool = False, **args: 
     """
     env = dict(os.environ, ANSIBLE_LOCALHOST_WARNING="0", ANSIBLE_INVENTORY_UNPARSED_WARNING="0", LANG="C.UTF-8")
     env.setdefault("ANSIBLE_COLLECTIONS_PATH", str(REPO / "build" / "src"))
+    env.setdefault("ANSIBLE_PIPELINING", "1")  # one process per task instead of a temp file and three commands
     argv = [str(ANSIBLE), "localhost", "-c", "local", "-m", module, "-a", json.dumps(args)]
     argv += ["--check"] if check else []
     argv += ["--diff"] if diff else []

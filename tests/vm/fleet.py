@@ -182,10 +182,13 @@ def guest_vars(vm: NoOsVM, *, hypervisor: str = "localhost", start: bool = True,
     return values
 
 
-def write_inventory(path: Path, guests: dict[str, dict[str, t.Any]], hypervisors: t.Sequence[str] = ()) -> Path:
+def write_inventory(
+    path: Path, guests: dict[str, dict[str, t.Any]], hypervisors: dict[str, dict[str, t.Any]] | None = None
+) -> Path:
+    """hypervisors: inventory host -> extra variables (they get a local connection)."""
     hosts = {
-        name: {"ansible_connection": "local", "ansible_python_interpreter": str(VENV_BIN / "python")}
-        for name in hypervisors
+        name: {"ansible_connection": "local", "ansible_python_interpreter": str(VENV_BIN / "python"), **extra}
+        for name, extra in (hypervisors or {}).items()
     }
     inventory = {"all": {"children": {"hypervisors": {"hosts": hosts}, "guests": {"hosts": guests}}}}
     path.write_text(yaml.safe_dump(inventory, sort_keys=False))
@@ -205,6 +208,7 @@ def run_playbook(
         LANG="C.UTF-8",
     )
     environ.setdefault("ANSIBLE_COLLECTIONS_PATH", str(REPO / "build" / "src"))
+    environ.setdefault("ANSIBLE_PIPELINING", "1")  # one process per task instead of a temp file and three commands
     environ.update(env or {})
     argv = [str(VENV_BIN / "ansible-playbook"), "-i", str(inventory), playbook, *extra_args]
     return subprocess.run(argv, capture_output=True, text=True, env=environ, timeout=timeout, check=False)
