@@ -1,7 +1,8 @@
 # vmsnap.qemu: the two commands of the README, and the pieces they are made of.
-#   make demo   - checkpoint -> broken upgrade -> rollback: offline on a qcow2 disk, then live on a running VM,
-#                 then a checkpoint with RAM at a pause of milliseconds rolled back into a new QEMU
-#   make test   - every test layer: ruff, sanity, unit, integration, lint, galaxy build + install
+#   make demo   - vmsnap.qemu.pre_upgrade over three tiny real guests through the qga connection: one upgraded,
+#                 one with a failed health check and one made unreachable, both rolled back (demo-more: the
+#                 single-VM demos)
+#   make test   - every test layer: ruff, sanity, unit, integration, real-VM tests, examples, molecule, lint, galaxy
 # Both install what they need first: Debian packages (via apt-get, with sudo when not root) and .venv.
 
 SHELL := /bin/bash
@@ -30,7 +31,8 @@ export PY_COLORS := 0
 
 .PHONY: help
 help:
-	@echo "make demo   - checkpoint -> broken upgrade -> rollback: on a scratch disk, then live on a real running VM"
+	@echo "make demo   - pre_upgrade over three tiny guests through qga: one upgraded, one broken, one unreachable, both rolled back"
+	@echo "make demo-more - the single-VM demos (offline, live, checkpoint with RAM)"
 	@echo "make test   - run every test layer (installs what it needs)"
 	@echo "make bench  - run the benchmark and print the ratios for docs/performance.md"
 	@echo "make bench-live - guest pause of live snapshots vs HMP savevm (tiny real guest, for docs/performance.md)"

@@ -66,6 +66,7 @@ COVERED = (
     "ram_checkpoint.yml",
     "ram_rollback.yml",
     "ram_release.yml",
+    "pre_upgrade.yml",
 )
 
 
@@ -122,8 +123,9 @@ class Runner:
         if not condition:
             self.fail(message)
 
-    def playbook(self, name: str, *args: str) -> str:
-        """Run examples/<name> with both inventories; return its output (failing the example when Ansible fails)."""
+    def playbook(self, name: str, *args: str, exit_code: int = 0) -> str:
+        """Run examples/<name> with both inventories; return its output (failing the example when Ansible exits
+        with another code than exit_code)."""
         self.current = name
         env = dict(
             os.environ,
@@ -138,7 +140,7 @@ class Runner:
         argv += [*args, str(EXAMPLES / name)]
         started = time.monotonic()
         proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300, check=False)
-        if proc.returncode != 0:
+        if proc.returncode != exit_code:
             self.fail(f"ansible-playbook exited with {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
         self.ran.append(name)
         print(f"  ran   {name} ({time.monotonic() - started:.1f} s)", flush=True)
@@ -275,6 +277,7 @@ class Runner:
             out = self.playbook("guest_commands.yml", "--limit", "db01")  # web01 has no guest OS, hence no agent
             self.check("cloud-amd64" in out, f"the guest's kernel release is not in the output:\n{out}")
             self.live_db(db_system, db_data)
+            self.pre_upgrade()
 
         def live_web01() -> None:
             self.live_web(web)
@@ -286,6 +289,26 @@ class Runner:
         self.in_parallel(live_db01, live_web01)
         self.stop_vms()
         self.final_offline(web, db_system, db_data)
+
+    def pre_upgrade(self) -> None:
+        """The README's opening example: db01's upgrade breaks its application, so it is rolled back and released."""
+        self.guest_ok(
+            "mkdir -p /mnt/data/app && echo 1.0 > /mnt/data/app/VERSION && echo healthy > /mnt/data/app/STATE"
+        )
+        manifests, report = self.work / "manifests", self.work / "pre_upgrade-report.json"
+        out = self.playbook(
+            "pre_upgrade.yml", "-e", "vmsnap_targets=db01", "-e", "app_upgrade_breaks=true",
+            "-e", f"vmsnap_manifest_dir={manifests}", "-e", f"vmsnap_report={report}", exit_code=2,
+        )  # fmt: skip
+        guest = json.loads(report.read_text())["guests"]["db01"]
+        self.check(guest["outcome"] == "rolled back" and guest["released"], f"db01's report line: {guest}\n{out}")
+        self.check("db01 on hypervisor: ROLLED BACK" in out, f"no summary line for db01:\n{out}")
+        self.wait_for_agent()
+        files = self.guest_ok("sync; echo 3 > /proc/sys/vm/drop_caches; cat /mnt/data/app/VERSION /mnt/data/app/STATE")
+        self.check(files.split() == ["1.0", "healthy"], f"db01's application after the rollback: {files!r}")
+        manifest = json.loads((manifests / "db01" / "pre-upgrade.json").read_text())
+        self.check(manifest["state"] == "released" and manifest["method"] == "external", f"manifest: {manifest}")
+        self.check(not list(self.vm_dir.glob("db01*.vmsnap-pre-upgrade.*")), "the checkpoint's files are left over")
 
     def offline_db(self, db_system: Path, db_data: Path) -> None:
         self.qemu_io(db_data, "write -P 0x11 0 1M")
