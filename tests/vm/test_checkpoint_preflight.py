@@ -208,8 +208,8 @@ def test_running_with_restart_takes_external(running: dict[str, t.Any]) -> None:
     assert result["msg"] == "VM web01 can be checkpointed: external checkpoint with RAM, 2 disks"
     assert result["pid"] == running["pid"] and result["ram_size"] == 64 * MIB
     assert result["qemu_version"].count(".") == 2
-    assert [disk["overlay"] for disk in result["disks"]] == [str(work / "a.vmsnap-cp1.qcow2"),
-                                                              str(work / "b.raw.vmsnap-cp1.qcow2")]  # fmt: skip
+    overlays = [str(work / "a.vmsnap-cp1.qcow2"), str(work / "b.raw.vmsnap-cp1.qcow2")]
+    assert [disk["overlay"] for disk in result["disks"]] == overlays
     assert [(d["file"], d["format"], d["device"], d["virtual_size"]) for d in result["disks"]] == [
         (str(work / "a.qcow2"), "qcow2", "drive0", 64 * MIB),
         (str(work / "b.raw"), "raw", "drive1", 8 * MIB),

@@ -147,8 +147,8 @@ def test_a_running_block_job_is_refused_by_name(recorded: t.Any, tmp_path: pathl
 
 def test_internal_names_the_raw_disk(recorded: t.Any, tmp_path: pathlib.Path) -> None:
     view = running_view(recorded, "live-mixed-fresh", tmp_path)
-    assert [disk.file for disk in view.disks] == [f"{tmp_path}/disk0.qcow2", f"{tmp_path}/data.raw",
-                                                   f"{tmp_path}/disk2.qcow2"]  # fmt: skip
+    expected = [f"{tmp_path}/disk0.qcow2", f"{tmp_path}/data.raw", f"{tmp_path}/disk2.qcow2"]
+    assert [disk.file for disk in view.disks] == expected
     exc = refusal(refuse_formats, "web01", "internal", view.disks)
     assert exc.reason == "format" and f"disk {tmp_path}/data.raw is raw" in exc.msg
     refuse_formats("web01", "external", view.disks)  # overlays go on top of any format
