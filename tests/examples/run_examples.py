@@ -293,7 +293,8 @@ class Runner:
     def pre_upgrade(self) -> None:
         """The README's opening example: db01's upgrade breaks its application, so it is rolled back and released."""
         self.guest_ok(
-            "mkdir -p /mnt/data/app && echo 1.0 > /mnt/data/app/VERSION && echo healthy > /mnt/data/app/STATE"
+            "mkdir -p /mnt/data/app /run/app && echo 1.0 > /mnt/data/app/VERSION && echo healthy > /mnt/data/app/STATE"
+            " && echo sessions=42 > /run/app/sessions && grep -q ' /run tmpfs ' /proc/mounts && sync"
         )
         manifests, report = self.work / "manifests", self.work / "pre_upgrade-report.json"
         out = self.playbook(
@@ -304,8 +305,11 @@ class Runner:
         self.check(guest["outcome"] == "rolled back" and guest["released"], f"db01's report line: {guest}\n{out}")
         self.check("db01 on hypervisor: ROLLED BACK" in out, f"no summary line for db01:\n{out}")
         self.wait_for_agent()
-        files = self.guest_ok("sync; echo 3 > /proc/sys/vm/drop_caches; cat /mnt/data/app/VERSION /mnt/data/app/STATE")
-        self.check(files.split() == ["1.0", "healthy"], f"db01's application after the rollback: {files!r}")
+        # The files on disk read from the disk, the sessions from RAM: both as at the checkpoint's instant.
+        files = self.guest_ok(
+            "sync; echo 3 > /proc/sys/vm/drop_caches; cat /mnt/data/app/VERSION /mnt/data/app/STATE /run/app/sessions"
+        )
+        self.check(files.split() == ["1.0", "healthy", "sessions=42"], f"db01's app after the rollback: {files!r}")
         manifest = json.loads((manifests / "db01" / "pre-upgrade.json").read_text())
         self.check(manifest["state"] == "released" and manifest["method"] == "external", f"manifest: {manifest}")
         self.check(not list(self.vm_dir.glob("db01*.vmsnap-pre-upgrade.*")), "the checkpoint's files are left over")
