@@ -303,7 +303,10 @@ def _module_processes(marker: str) -> dict[int, str]:
         if entry.name.isdigit():
             try:
                 cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if state == "Z":  # gone, but nobody reaps it (no init reaps orphans in this sandbox)
                 continue
             if marker in cmdline and "AnsiballZ_" in cmdline:
                 found[int(entry.name)] = cmdline
