@@ -142,7 +142,7 @@ install: $(VENV)/.installed copy
 # files run side by side on two cores); the tiny guest is built (or found in its cache) first, not by both workers.
 vm-tests:
 	cd tests/vm && $(VENV)/bin/python -c 'from tiny_guest import build_tiny_guest, default_cache_dir as d; build_tiny_guest(d())'
-	ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) $(VENV)/bin/pytest -p no:cacheprovider -q -rs -n 2 --dist loadfile tests/vm
+	ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) $(VENV)/bin/pytest -p no:cacheprovider -q -rs -n 2 --dist loadfile --durations=12 tests/vm
 
 .PHONY: bench
 bench: deps copy
