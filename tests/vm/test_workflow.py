@@ -163,6 +163,7 @@ def test_each_guest_is_handled_on_its_own_hypervisor(fleet_dir: Path) -> None:
     proc = run_playbook(
         "vmsnap.qemu.pre_upgrade", inventory, *args, "-e", "vmsnap_targets=guests", "-e", "vmsnap_serial=4",
         "-e", "vmsnap_max_fail_percentage=50",
+        env={"ANSIBLE_PIPELINING": "0"},  # so that the interpreters' logs name each module's AnsiballZ file
     )  # fmt: skip
     counts = recap(proc.stdout)
     assert counts["vm3"]["failed"] == 1 and all(counts[f"vm{i}"]["failed"] == 0 for i in range(3)), proc.stdout
@@ -194,12 +195,20 @@ def test_rollback_and_release_are_no_ops_without_a_checkpoint_and_when_repeated(
         assert f"VM vm0 has no checkpoint pre-upgrade: {words}." in proc.stdout
     assert manifest(fleet_dir / "manifests", "vm0") is None and vm.reads(OLD)
 
+    # The four runs: check mode (reports the change, writes nothing), real, repeat (unchanged), repeat in check mode.
+    proc = run_playbook("vmsnap.qemu.checkpoint", inventory, *args, "--check")
+    assert proc.returncode == 0 and changed_count(proc, "vm0") > 0, proc.stdout
+    assert manifest(fleet_dir / "manifests", "vm0") is None and "pre-upgrade" not in snapshot_names(vm.disks[0])
     proc = run_playbook("vmsnap.qemu.checkpoint", inventory, *args)
     assert proc.returncode == 0 and changed_count(proc, "vm0") > 0, proc.stdout
     assert manifest(fleet_dir / "manifests", "vm0")["method"] == "internal"
-    proc = run_playbook("vmsnap.qemu.checkpoint", inventory, *args)  # an open checkpoint is left alone
-    assert proc.returncode == 0 and changed_count(proc, "vm0") == 0, proc.stdout
+    for check in ([], ["--check"]):  # an open checkpoint is left alone
+        proc = run_playbook("vmsnap.qemu.checkpoint", inventory, *args, *check)
+        assert proc.returncode == 0 and changed_count(proc, "vm0") == 0, proc.stdout
     vm.write(NEW)
+    proc = run_playbook("vmsnap.qemu.rollback", inventory, *args, "--check")
+    assert proc.returncode == 0 and changed_count(proc, "vm0") > 0, proc.stdout
+    assert vm.reads(NEW) and manifest(fleet_dir / "manifests", "vm0")["state"] == "open"
     proc = run_playbook("vmsnap.qemu.rollback", inventory, *args)
     assert proc.returncode == 0 and changed_count(proc, "vm0") > 0, proc.stdout
     assert vm.status() == "running" and vm.reads(OLD)
@@ -207,6 +216,9 @@ def test_rollback_and_release_are_no_ops_without_a_checkpoint_and_when_repeated(
     proc = run_playbook("vmsnap.qemu.rollback", inventory, *args)
     assert proc.returncode == 0 and changed_count(proc, "vm0") == 0, proc.stdout
     assert "was already rolled back to checkpoint pre-upgrade" in proc.stdout and vm.reads(NEW)
+    proc = run_playbook("vmsnap.qemu.release", inventory, *args, "--check")
+    assert proc.returncode == 0 and changed_count(proc, "vm0") > 0, proc.stdout
+    assert "pre-upgrade" in snapshot_names(vm.disks[0])
     for expected_changes in (True, False):
         proc = run_playbook("vmsnap.qemu.release", inventory, *args)
         assert proc.returncode == 0 and (changed_count(proc, "vm0") > 0) is expected_changes, proc.stdout
@@ -239,6 +251,26 @@ def test_rollback_after_qemu_was_killed_starts_the_vm_from_the_checkpoint(fleet_
     assert proc.returncode == 0, proc.stdout
     for vm in (external, internal):
         assert_nothing_left(vm)
+
+
+def test_release_after_qemu_died_merges_the_overlays_offline(fleet_dir: Path) -> None:
+    """The VM crashed after its checkpoint and its upgrade is to be kept: the release merges offline, idempotently."""
+    (vm,) = fleet(fleet_dir, 1)
+    inventory = write_inventory(fleet_dir / "inventory.yml", {vm.name: guest_vars(vm)})
+    args = [*common_vars(fleet_dir), "-e", "vmsnap_targets=guests"]
+    proc = run_playbook("vmsnap.qemu.checkpoint", inventory, *args)
+    assert proc.returncode == 0, proc.stdout
+    vm.write(NEW)
+    vm.qemu_io("drive0", "flush")
+    vm.kill()
+    first = run_playbook("vmsnap.qemu.release", inventory, *args)
+    assert first.returncode == 0 and changed_count(first, "vm0") > 0, first.stdout
+    assert "changed: [vm0 -> localhost] => (item=" in first.stdout.split("merge each overlay offline")[1], first.stdout
+    again = run_playbook("vmsnap.qemu.release", inventory, *args)
+    assert again.returncode == 0 and changed_count(again, "vm0") == 0, again.stdout
+    assert manifest(fleet_dir / "manifests", vm.name)["state"] == "released"
+    assert_nothing_left(vm)
+    assert offline_reads(vm.disks[0], NEW)  # the upgrade's data, merged into the VM's own disk
 
 
 def test_checkpoint_refused_for_space_leaves_nothing_behind(fleet_dir: Path) -> None:
