@@ -74,3 +74,15 @@ def vm(guest_image: GuestImage, disk: Path, tmp_path: Path) -> t.Iterator[GuestV
         yield guest
     # __exit__ killed QEMU by PID if a test left it running
     assert guest.returncode is not None
+
+
+@pytest.fixture
+def fleet_dir(tmp_path: Path) -> t.Iterator[Path]:
+    """A folder for a fleet of VMs without a guest OS (tests/vm/fleet.py) and their manifests; kills its VMs."""
+    from fleet import NoOsVM
+
+    (tmp_path / "manifests").mkdir()
+    yield tmp_path
+    for vm_dir in tmp_path.iterdir():
+        if (vm_dir / "qemu.pid").exists():
+            NoOsVM(tmp_path, vm_dir.name).kill()

@@ -233,6 +233,43 @@ def manifest(folder: Path, vm: str, name: str = "pre-upgrade") -> dict[str, t.An
     return json.loads(path.read_text()) if path.exists() else None
 
 
+# The workflow tests' conventions: data OLD at the checkpoint, NEW written after it; upgrade and health tasks of
+# tests/vm/workflow for VMs without a guest OS.
+OLD, NEW = 0xAA, 0xCC
+WORKFLOW = Path(__file__).resolve().parent / "workflow"
+
+
+def start_fleet(folder: Path, count: int) -> list[NoOsVM]:
+    """count running VMs vm0, vm1, ... in folder, each disk holding OLD at offset 0."""
+    vms = [NoOsVM(folder, f"vm{i}").create_disks(OLD) for i in range(count)]
+    for vm in vms:
+        vm.start()
+    return vms
+
+
+def common_vars(folder: Path, manifests: bool = True) -> list[str]:
+    return [
+        *(["-e", f"vmsnap_manifest_dir={folder / 'manifests'}"] if manifests else []),
+        "-e", f"vmsnap_upgrade_tasks={WORKFLOW / 'upgrade.yml'}",
+        "-e", f"vmsnap_health_tasks={WORKFLOW / 'health.yml'}",
+        "-e", f"fleet_helper={Path(__file__).resolve()}",
+        "-e", f"vmsnap_report={folder / 'report.json'}",
+    ]  # fmt: skip
+
+
+def assert_nothing_left(vm: NoOsVM) -> None:
+    """No snapshot, overlay or state file of the checkpoint, and the disk is the VM's own again."""
+    for disk in vm.disks:
+        assert "pre-upgrade" not in snapshot_names(disk)
+        assert backing_file(disk) is None
+    leftovers = [p.name for p in vm.folder.iterdir() if "vmsnap-" in p.name]
+    assert leftovers == [], leftovers
+
+
+def changed_count(proc: subprocess.CompletedProcess[str], host: str) -> int:
+    return recap(proc.stdout)[host]["changed"]
+
+
 def main(argv: list[str]) -> int:
     """fleet.py qemu-io SOCKET DRIVE COMMAND: a guest-visible write through the running VM (for upgrade tasks)."""
     if len(argv) != 4 or argv[0] != "qemu-io":
