@@ -51,10 +51,12 @@ def start_qemu(work: Path, drives: list[tuple[Path, str]], *extra: str) -> tuple
         argv += ["-drive", f"file={path},format={fmt},if=virtio,id=drive{index}"]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
-    while not sock.exists():
+    while True:  # the socket file appears at bind(), a moment before QEMU listens
         assert proc.poll() is None and time.monotonic() < deadline, "QEMU did not start"
+        with socket.socket(socket.AF_UNIX) as probe:
+            if probe.connect_ex(str(sock)) == 0:
+                return proc, sock
         time.sleep(0.05)
-    return proc, sock
 
 
 def stop_qemu(proc: subprocess.Popen[bytes]) -> None:

@@ -11,6 +11,7 @@ with the waiting QEMU still alive afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ from conftest import BOOT_TIMEOUT, REPO, guest_ok, read_fresh, run_module
 from tiny_guest import GuestImage, GuestVM, make_ext4_qcow2
 
 sys.path.insert(0, os.environ.get("ANSIBLE_COLLECTIONS_PATH", str(REPO / "build" / "src")).split(os.pathsep)[0])
-from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient  # noqa: E402
+from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient, QmpConnectionError  # noqa: E402
 
 STATE = "vmsnap.qemu.qmp_vm_state"
 LIVE = "vmsnap.qemu.qmp_live_snapshot"
@@ -50,11 +51,13 @@ def waiting(image: GuestImage, disks: list[Path], work: Path, memory_mib: int = 
     """A fresh QEMU with the guest's command line plus -incoming defer: it waits for a state."""
     guest = GuestVM(image, disks, work, memory_mib=memory_mib, extra_args=["-incoming", "defer"]).start()
     deadline = time.monotonic() + 30
-    while not guest.qmp_socket.exists():
+    while True:
         assert guest.returncode is None and time.monotonic() < deadline, "the waiting QEMU did not start"
+        # The socket file appears at bind(), a moment before QEMU listens: until then a connection is refused.
+        with contextlib.suppress(QmpConnectionError):
+            assert vm_status(guest) == "inmigrate"
+            return guest
         time.sleep(0.05)
-    assert vm_status(guest) == "inmigrate"
-    return guest
 
 
 def vm_status(guest: GuestVM) -> str:
