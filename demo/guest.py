@@ -16,7 +16,6 @@ $ANSIBLE_COLLECTIONS_PATH (make demo points it at build/src).
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -30,10 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "vm"))
 sys.path.insert(0, os.environ.get("ANSIBLE_COLLECTIONS_PATH", str(REPO / "build" / "src")).split(":")[0])
 
-from tiny_guest import GuestVM, build_tiny_guest, default_cache_dir, make_ext4_qcow2  # noqa: E402
+from tiny_guest import GuestVM, build_tiny_guest, default_cache_dir, make_ext4_qcow2, run_in_guest  # noqa: E402
 
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import VmsnapError  # noqa: E402
-from ansible_collections.vmsnap.qemu.plugins.module_utils._guest_agent import GuestAgentClient  # noqa: E402
 
 BOOT_SECONDS = 90.0
 
@@ -63,18 +61,6 @@ def start(folder: Path, incoming: bool = False) -> dict[str, object]:
             raise RuntimeError(f"the demo VM did not come up within {BOOT_SECONDS:g} s; see {guest.console_log}")
         time.sleep(0.5)
     return {"qmp": str(qmp), "qga": str(qga), "disk": str(disk), "pid": int(pidfile.read_text())}
-
-
-def run_in_guest(qga: str, command: str, connect_timeout: float = 5.0) -> tuple[int, str]:
-    with GuestAgentClient(qga, connect_timeout=connect_timeout, command_timeout=30) as agent:
-        pid = agent.execute("guest-exec", {"path": "/bin/sh", "arg": ["-c", command], "capture-output": True})["pid"]
-        for dummy in range(600):
-            status = agent.execute("guest-exec-status", {"pid": pid})
-            if status.get("exited"):
-                output = base64.b64decode(status.get("out-data", "")) + base64.b64decode(status.get("err-data", ""))
-                return int(status.get("exitcode", -1)), output.decode(errors="replace")
-            time.sleep(0.1)
-    raise RuntimeError(f"{command!r} did not finish in the guest within 60 s")
 
 
 def stop(folder: Path) -> None:

@@ -24,7 +24,6 @@ Exits 0 when everything happened as described, 1 otherwise. The collection is ta
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
 import contextlib
 import json
@@ -45,11 +44,10 @@ sys.path.insert(0, str(REPO / "tests" / "vm"))
 sys.path.insert(0, COLLECTIONS)
 
 import yaml  # noqa: E402
-from tiny_guest import GuestImage, GuestVM, build_tiny_guest, default_cache_dir, make_ext4_qcow2  # noqa: E402
+from tiny_guest import GuestImage, GuestVM, build_tiny_guest, default_cache_dir, make_ext4_qcow2, run_in_guest  # noqa: E402
 
 from ansible_collections.vmsnap.qemu.plugins.filter.report import report_lines  # noqa: E402
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import VmsnapError  # noqa: E402
-from ansible_collections.vmsnap.qemu.plugins.module_utils._guest_agent import GuestAgentClient  # noqa: E402
 
 # How the upgrade ends for each guest (demo/fleet/upgrade.yml), and what pre_upgrade must then do with it.
 PLAN = {"web1": "good", "web2": "breaks-app", "web3": "unreachable"}
@@ -93,15 +91,10 @@ class Guest:
 
     def run(self, command: str, connect_timeout: float = 5.0) -> tuple[int, str]:
         """command with /bin/sh in the guest, through its agent (guest-exec): (exit status, stdout + stderr)."""
-        with GuestAgentClient(str(self.qga), connect_timeout=connect_timeout, command_timeout=30) as agent:
-            started = agent.execute("guest-exec", {"path": "/bin/sh", "arg": ["-c", command], "capture-output": True})
-            for dummy in range(300):
-                status = agent.execute("guest-exec-status", {"pid": started["pid"]})
-                if status.get("exited"):
-                    out = base64.b64decode(status.get("out-data", "")) + base64.b64decode(status.get("err-data", ""))
-                    return int(status.get("exitcode", -1)), out.decode(errors="replace")
-                time.sleep(0.1)
-        raise RuntimeError(f"{self.name}: {command!r} did not finish within 30 s")
+        try:
+            return run_in_guest(self.qga, command, connect_timeout, timeout=30)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{self.name}: {exc}") from None
 
     def look(self) -> dict[str, str]:
         code, out = self.run(LOOK)

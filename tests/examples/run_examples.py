@@ -16,7 +16,6 @@ Usage: ANSIBLE_COLLECTIONS_PATH=build/src .venv/bin/python tests/examples/run_ex
 from __future__ import annotations
 
 import argparse
-import base64
 import concurrent.futures
 import contextlib
 import json
@@ -38,10 +37,9 @@ COLLECTIONS = os.environ.get("ANSIBLE_COLLECTIONS_PATH") or str(REPO / "build" /
 sys.path.insert(0, str(REPO / "tests" / "vm"))
 sys.path.insert(0, COLLECTIONS.split(":")[0])
 
-from tiny_guest import build_tiny_guest, default_cache_dir, make_ext4_qcow2  # noqa: E402
+from tiny_guest import build_tiny_guest, default_cache_dir, make_ext4_qcow2, run_in_guest  # noqa: E402
 
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import VmsnapError  # noqa: E402
-from ansible_collections.vmsnap.qemu.plugins.module_utils._guest_agent import GuestAgentClient  # noqa: E402
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient  # noqa: E402
 
 ANSIBLE_PLAYBOOK = Path(os.environ.get("VMSNAP_ANSIBLE_PLAYBOOK") or REPO / ".venv" / "bin" / "ansible-playbook")
@@ -201,16 +199,10 @@ class Runner:
 
     def in_guest(self, qga_socket: Path, command: str, connect_timeout: float = 5.0) -> tuple[int, str]:
         """Run a shell command inside db01 through its guest agent; (exit status, output)."""
-        with GuestAgentClient(str(qga_socket), connect_timeout=connect_timeout, command_timeout=30) as agent:
-            arguments = {"path": "/bin/sh", "arg": ["-c", command], "capture-output": True}
-            pid = agent.execute("guest-exec", arguments)["pid"]
-            for dummy in range(300):
-                status = agent.execute("guest-exec-status", {"pid": pid})
-                if status.get("exited"):
-                    out = base64.b64decode(status.get("out-data", "")) + base64.b64decode(status.get("err-data", ""))
-                    return int(status.get("exitcode", -1)), out.decode(errors="replace")
-                time.sleep(0.1)
-        self.fail(f"{command!r} did not finish inside the guest within 30 s")
+        try:
+            return run_in_guest(qga_socket, command, connect_timeout, timeout=30)
+        except RuntimeError as exc:
+            self.fail(f"inside the guest: {exc}")
 
     def guest_ok(self, command: str) -> str:
         code, out = self.in_guest(self.run_dir / "db01.qga", command)

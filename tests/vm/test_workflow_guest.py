@@ -8,7 +8,6 @@ live), and the guest answers again with its files on disk and in RAM as at the c
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -21,26 +20,17 @@ from pathlib import Path
 
 import pytest
 from fleet import REPO, VENV_BIN, manifest, recap, run_playbook, write_inventory
-from tiny_guest import GuestImage, GuestVM, make_ext4_qcow2
+from tiny_guest import GuestImage, GuestVM, make_ext4_qcow2, run_in_guest
 
 sys.path.insert(0, os.environ.get("ANSIBLE_COLLECTIONS_PATH", str(REPO / "build" / "src")).split(os.pathsep)[0])
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import VmsnapError  # noqa: E402
-from ansible_collections.vmsnap.qemu.plugins.module_utils._guest_agent import GuestAgentClient  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 BOOT_SECONDS = 120.0
 
 
 def in_guest(qga: Path, command: str, connect_timeout: float = 3.0) -> tuple[int, str]:
-    with GuestAgentClient(str(qga), connect_timeout=connect_timeout, command_timeout=30) as agent:
-        pid = agent.execute("guest-exec", {"path": "/bin/sh", "arg": ["-c", command], "capture-output": True})["pid"]
-        for dummy in range(300):
-            status = agent.execute("guest-exec-status", {"pid": pid})
-            if status.get("exited"):
-                out = base64.b64decode(status.get("out-data", "")) + base64.b64decode(status.get("err-data", ""))
-                return int(status.get("exitcode", -1)), out.decode(errors="replace")
-            time.sleep(0.1)
-    raise AssertionError(f"{command!r} did not finish in the guest")
+    return run_in_guest(qga, command, connect_timeout)
 
 
 def wait_for_guest(qga: Path) -> None:

@@ -618,3 +618,27 @@ class GuestVM:
             with contextlib.suppress(OSError):
                 self._qga.close()
         self._qga, self._qga_buf = None, b""
+
+
+def run_in_guest(
+    qga_socket: str | os.PathLike[str], command: str, connect_timeout: float = 5.0, timeout: float = 60.0
+) -> tuple[int, str]:
+    """Run command with /bin/sh in a guest through its agent socket (guest-exec): (exit status, stdout + stderr).
+
+    Uses the collection's own agent client, so the caller must have put the folder holding ansible_collections on
+    sys.path (the demos, the examples' runner and the vm tests do). Raises RuntimeError after timeout seconds.
+    """
+    import base64
+
+    from ansible_collections.vmsnap.qemu.plugins.module_utils._guest_agent import GuestAgentClient
+
+    with GuestAgentClient(os.fspath(qga_socket), connect_timeout=connect_timeout, command_timeout=30) as agent:
+        pid = agent.execute("guest-exec", {"path": "/bin/sh", "arg": ["-c", command], "capture-output": True})["pid"]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = agent.execute("guest-exec-status", {"pid": pid})
+            if status.get("exited"):
+                output = base64.b64decode(status.get("out-data", "")) + base64.b64decode(status.get("err-data", ""))
+                return int(status.get("exitcode", -1)), output.decode(errors="replace")
+            time.sleep(0.1)
+    raise RuntimeError(f"{command!r} did not finish in the guest within {timeout:g} s")
