@@ -311,21 +311,31 @@ def run_backup_jobs(
     check_jobs(jobs)
     assign_job_ids(jobs)
     run = _BackupRun(qmp, jobs)
+    in_caller = False
     try:
         run.preflight()
         run.create_targets(qemu_img)
         run.open_targets()
         run.start()
         results = run.wait_pending(timeout)
+        in_caller = True
         before_finalize()
+        in_caller = False
         run.finalize()
         run.close_targets()
     except BaseException as exc:
         problems = run.abort()
-        if problems and isinstance(exc, VmsnapError):
-            exc.msg += " Clean-up was incomplete: " + "; ".join(problems) + "."
-            exc.details["cleanup_problems"] = problems
-        raise
+        error = exc
+        if isinstance(exc, VmsnapError) and not isinstance(exc, BackupError) and not in_caller:
+            disks = ", ".join(job.node for job in jobs)
+            error = BackupError(f"The backup of {disks} failed: {exc.msg}", **exc.details)
+        if problems and isinstance(error, VmsnapError):
+            error.msg += " Clean-up was incomplete: " + "; ".join(problems) + "."
+            error.details["cleanup_problems"] = problems
+            error.args = (error.msg,)
+        if error is exc:
+            raise
+        raise error from exc
     return results
 
 
@@ -499,7 +509,11 @@ class _BackupRun:
             try:
                 self.qmp.execute("blockdev-del", {"node-name": node})
             except QmpError as exc:
-                raise BackupError(f"QEMU cannot close the backup target {node}: {exc.desc}", node=node) from None
+                raise BackupError(
+                    f"QEMU cannot close the backup target {node}: {exc.desc}. The jobs were finalized, so an "
+                    "incremental's bitmap is already cleared: the next backup of this disk must be a full one.",
+                    node=node,
+                ) from None
             self.opened.remove(node)
 
     def abort(self) -> list[str]:
