@@ -323,7 +323,10 @@ def broken_chain_reason(
         return "the set records no bitmap"
     bitmap = bitmaps.get(name)
     if bitmap is None:
-        return f"the bitmap {name} is missing on the disk (deleted, or the disk was replaced)"
+        return (
+            f"the bitmap {name} is missing on the disk (deleted, the disk replaced, or its QEMU killed before it "
+            "stored the bitmap)"
+        )
     if bitmap.inconsistent:
         return f"the bitmap {name} is inconsistent (its QEMU was killed or crashed while the disk was open)"
     if not bitmap.recording:

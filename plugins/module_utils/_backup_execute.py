@@ -359,13 +359,16 @@ def plan_present(
     target.stale_bitmaps = B.own_stale_bitmaps(target.set_name, target.bitmaps, keep)
 
 
-def new_job(target: Target, now: float) -> Job:
-    assert target.decision is not None
+def taken_ids(target: Target) -> set[str]:
     taken = {entry["id"] for entry in B.backups_of(target.index)}
     pending = (target.index or {}).get("pending") or {}
     if pending.get("id"):
         taken.add(pending["id"])
-    backup_id = B.new_backup_id(now, taken)
+    return taken
+
+
+def new_job(target: Target, backup_id: str, now: float) -> Job:
+    assert target.decision is not None
     if target.decision.action == "full":
         chain = B.new_chain_id()
         bitmap = bitmap_name(target.set_name, chain)
@@ -926,6 +929,8 @@ class Task:
             plan_present(target, req.mode, req.on_broken_chain, req.skip_unchanged, reader)
         jobs = []
         now = self.now()
+        # One id for every disk of this run: the disks of a VM are backed up at one instant.
+        backup_id = B.new_backup_id(now, set().union(*(taken_ids(target) for target in self.targets)))
         for target in self.targets:
             decision = t.cast(B.Decision, target.decision)
             if decision.warning:
@@ -934,7 +939,7 @@ class Task:
             if target.cleaned or target.stale_bitmaps or (target.index or {}).get("pending"):
                 self.changed = True
             if decision.action != "none":
-                jobs.append(new_job(target, now))
+                jobs.append(new_job(target, backup_id, now))
                 self.changed = True
             else:
                 target.backup = B.public_backup(B.newest(target.index), target.folder)
@@ -959,7 +964,9 @@ class Task:
         for job in jobs:
             job.target.old_bitmap = (job.target.index or {}).get("bitmap")
         entries: list[dict[str, t.Any]]
-        if live:
+        if not jobs:
+            entries = []
+        elif live:
             entries = live_backups(self.qemu_img, t.cast("QmpClient", self.qmp), jobs, req.compress, req.timeout)
         else:
             entries = []
