@@ -742,7 +742,7 @@ def _stop_daemon(proc: subprocess.Popen[bytes] | None, qmp: QmpClient | None) ->
             problem = exc.msg
         finally:
             qmp.close()
-    if proc.poll() is None and problem is not None:
+    if proc.poll() is None and (qmp is None or problem is not None):
         proc.terminate()  # SIGTERM still closes the images cleanly
     try:
         proc.wait(_DAEMON_CLOSE_SECONDS)

@@ -40,6 +40,7 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._backup_qmp import (  
     target_node_name,
 )
 from ansible_collections.vmsnap.qemu.plugins.module_utils._bitmap_names import bitmap_name  # noqa: E402
+from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import ImageInUseError  # noqa: E402
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qemu_img import QemuImg  # noqa: E402
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient  # noqa: E402
 
@@ -266,6 +267,16 @@ def test_refusals_before_and_by_qemu_leave_nothing(vm: LiveVm, tmp_path: Path) -
         remove_bitmap(vm.qmp, "disk1", "other-tool")
     assert counts(vm, "disk1") == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-taken.qcow2"]
+
+
+def test_the_daemon_refuses_an_image_a_vm_runs(vm: LiveVm) -> None:
+    started = time.monotonic()
+    with (
+        pytest.raises(ImageInUseError, match="in use by another process.*write"),
+        storage_daemon(str(vm.disks[0]), read_only=False),
+    ):
+        pytest.fail("opened")
+    assert time.monotonic() - started < 10
 
 
 def test_timeout_cancels_and_keeps_the_bitmap(vm: LiveVm, tmp_path: Path) -> None:

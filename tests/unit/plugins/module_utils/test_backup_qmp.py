@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import time
 import typing as t
 
 import pytest
@@ -26,6 +27,7 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._backup_qmp import (
     parse_bitmaps,
     remove_bitmap,
     run_backup_jobs,
+    storage_daemon,
     target_blockdev,
     target_node_name,
     transaction_actions,
@@ -558,3 +560,33 @@ def test_remove_bitmap_touches_only_ours(qemu: t.Any) -> None:
         remove_bitmap(client, "disk0", "other-tool")
     assert sorted(bitmaps_of(client, "disk0")) == ["other-tool"]
     assert server.sent("block-dirty-bitmap-remove") == [("block-dirty-bitmap-remove", {"node": "disk0", "name": BM0})]
+
+
+# ---- the helper daemon's start-up failures (real processes, no QEMU) ---------------------------------------------
+
+
+def open_daemon(image: str, **kwargs: t.Any) -> None:
+    with storage_daemon(image, read_only=True, **kwargs):
+        pytest.fail("the daemon opened the image")
+
+
+def test_storage_daemon_that_exits_at_once(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(BackupError, match=r"qemu-storage-daemon exited \(rc 1\) before it listened"):
+        open_daemon(str(tmp_path / "x.qcow2"), binary="/bin/false")
+
+
+def test_storage_daemon_that_never_listens_is_stopped(tmp_path: pathlib.Path) -> None:
+    script = tmp_path / "silent"
+    script.write_text("#!/bin/sh\necho starting\nexec sleep 60\n")
+    script.chmod(0o755)
+    started = time.monotonic()
+    with pytest.raises(BackupError, match="did not open its QMP socket within 0.3 s: starting"):
+        open_daemon(str(tmp_path / "x.qcow2"), timeout=0.3, binary=str(script))
+    assert time.monotonic() - started < 5  # terminated, not waited for
+    assert [p.name for p in tmp_path.iterdir()] == ["silent"]  # private folder removed (it was in the system temp)
+
+
+def test_storage_daemon_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(BackupError, match="qemu-storage-daemon was not found.*qemu-system-common"):
+        open_daemon(str(tmp_path / "x.qcow2"))
