@@ -19,6 +19,11 @@ import typing as t
 from dataclasses import dataclass, field
 
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import ValidationError, VmsnapError
+from ansible_collections.vmsnap.qemu.plugins.module_utils._revert_bitmaps import (
+    BlockingBitmap,
+    blocking_bitmaps,
+    check_revert_bitmaps,
+)
 
 SNAPSHOT_JOBS_SINCE = (6, 0, 0)
 SAVEABLE_VM_STATUSES = ("running", "paused")
@@ -43,6 +48,8 @@ class LiveRequest:
     quiesce: str = "off"
     guest_agent_socket: str | None = None
     timeout: float = 300.0
+    backup_bitmaps: str = "fail"  # reverted: drop the disks' qcow2_backup bitmaps first, or refuse
+    after: str = "unchanged"  # reverted: "running" resumes the guest after the load (also from prelaunch)
 
     def __post_init__(self) -> None:
         if self.vmstate is None:  # RAM by default for internal snapshots, disks only for external ones
@@ -63,6 +70,7 @@ class DevicePlan:
     action: str = "none"  # create | delete | revert | merge | none
     overlay: str | None = None  # external: the overlay file of this snapshot
     overlay_index: int | None = None  # external: the overlay's position in the chain (0 = active layer)
+    drop_bitmaps: list[BlockingBitmap] = field(default_factory=list)  # reverted: backup bitmaps removed first
 
     @property
     def node_name(self) -> str:
@@ -77,6 +85,7 @@ class DevicePlan:
             "action": self.action,
             "changed": self.action != "none",
             "overlay": self.overlay,
+            "dropped_bitmaps": [bitmap.as_dict() for bitmap in self.drop_bitmaps],
         }
 
 
@@ -336,17 +345,17 @@ def _plan_internal_revert(plan: LivePlan, version: tuple[int, int, int]) -> None
             "out the disk that holds its RAM state), so it cannot be loaded into a running VM. To revert the disks "
             "only, stop the VM and use vmsnap.qemu.qcow2_snapshot state=reverted."
         )
-    for device in plan.devices:
-        # A running mirror or commit job holds an unnamed bitmap: it blocks the revert just the same.
-        bitmaps = [bitmap.get("name") or "(unnamed, of a block job)" for bitmap in device.disk.get("bitmaps") or []]
-        if bitmaps:
-            raise ValidationError(
-                f"Disk {device.label} has dirty bitmaps ({', '.join(bitmaps)}); QEMU refuses to revert an internal "
-                "snapshot while a disk has dirty bitmaps ('Device has active dirty bitmaps'). Remove them with "
-                "block-dirty-bitmap-remove first (the next incremental backup then needs a new full backup).",
-                device=device.label,
-                bitmaps=bitmaps,
-            )
+    # A running mirror or commit job holds an unnamed bitmap: it blocks the revert just the same.
+    blocked = [
+        (
+            f"disk {device.label}",
+            blocking_bitmaps((bitmap.get("name"), bitmap.get("busy")) for bitmap in device.disk.get("bitmaps") or []),
+        )
+        for device in plan.devices
+    ]
+    check_revert_bitmaps(blocked, request.name, request.backup_bitmaps)
+    for device, (dummy, found) in zip(plan.devices, blocked):
+        device.drop_bitmaps = found
     plan.vmstate_node = holders[0]
     for device in plan.devices:
         device.action = "revert"

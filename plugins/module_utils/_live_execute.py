@@ -28,6 +28,12 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._live import (
     overlay_node_name,
 )
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient, QmpError, pause_of_this_task
+from ansible_collections.vmsnap.qemu.plugins.module_utils._revert_bitmaps import (
+    BlockingBitmap,
+    backup_sets,
+    blocking_bitmaps,
+    refusal_message,
+)
 from ansible_collections.vmsnap.qemu.plugins.module_utils._vm import describe_vm, status_or_none
 from ansible_collections.vmsnap.qemu.plugins.module_utils._vmstate import (
     SaveRequest,
@@ -404,6 +410,62 @@ def _open_files(qmp: QmpClient) -> set[str]:
 
 
 def _revert(qmp: QmpClient, plan: LivePlan) -> None:
+    """snapshot-load; backup bitmaps to drop are removed in the same pause, right before it.
+
+    QEMU keeps the run state over a load (running runs on, paused and prelaunch stay so). When bitmaps are
+    dropped, a running guest is paused first, so the load starts from exactly the disks this task checked.
+    """
+    request = plan.request
+    drops = [(device, bitmap) for device in plan.acting() for bitmap in device.drop_bitmaps]
+    paused_here = bool(drops) and plan.vm_running
+    if paused_here:
+        qmp.execute("stop", timeout=request.timeout)
+    try:
+        _drop_bitmaps(qmp, drops)
+    except VmsnapError:
+        if paused_here:
+            qmp.execute("cont", timeout=request.timeout)
+        raise
+    try:
+        _load(qmp, plan)
+    except VmsnapError as exc:
+        if drops:
+            dropped = [bitmap for dummy, bitmap in drops]
+            exc.msg += (
+                f" The backup bitmaps {', '.join(str(bitmap.name) for bitmap in dropped)} had been removed before the "
+                f"load: the next vmsnap.qemu.qcow2_backup run of backup set "
+                f"{', '.join(map(repr, backup_sets(dropped)))} takes a full backup."
+            )
+            exc.details["dropped_bitmaps"] = [dict(device=device.label, **bitmap.as_dict()) for device, bitmap in drops]
+        raise
+    if (paused_here or request.after == "running") and status_or_none(qmp) != "running":
+        qmp.execute("cont", timeout=request.timeout)
+
+
+def _drop_bitmaps(qmp: QmpClient, drops: list[tuple[DevicePlan, BlockingBitmap]]) -> None:
+    removed: list[tuple[str, BlockingBitmap]] = []
+    for device, bitmap in drops:
+        try:
+            qmp.execute("block-dirty-bitmap-remove", {"node": device.node_name, "name": bitmap.name})
+        except VmsnapError as exc:
+            msg = (
+                f"Removing the backup bitmap '{bitmap.name}' from disk {device.label} before the revert failed: "
+                f"{exc.msg} The snapshot was not loaded."
+            )
+            if removed:
+                msg += (
+                    f" Already removed: {', '.join(str(gone.name) for dummy, gone in removed)}; the next "
+                    "vmsnap.qemu.qcow2_backup run of backup set "
+                    f"{', '.join(map(repr, backup_sets(gone for dummy, gone in removed)))} "
+                    "takes a full backup."
+                )
+            raise LiveSnapshotError(
+                msg, dropped_bitmaps=[dict(device=d, **gone.as_dict()) for d, gone in removed]
+            ) from None
+        removed.append((device.label, bitmap))
+
+
+def _load(qmp: QmpClient, plan: LivePlan) -> None:
     request = plan.request
     try:
         qmp.run_job(
@@ -417,6 +479,8 @@ def _revert(qmp: QmpClient, plan: LivePlan) -> None:
             request.timeout,
         )
     except VmsnapError as exc:
+        if "active dirty bitmaps" in exc.msg:
+            _name_the_bitmaps(qmp, plan, exc)
         status = status_or_none(qmp)
         if plan.vm_running and status is not None and status != "running":
             exc.msg += (
@@ -425,3 +489,25 @@ def _revert(qmp: QmpClient, plan: LivePlan) -> None:
             )
         exc.details["vm_status"] = status
         raise
+
+
+def _name_the_bitmaps(qmp: QmpClient, plan: LivePlan, exc: VmsnapError) -> None:
+    """A bitmap appeared after the plan (a backup started meanwhile): name it and its owner, not QEMU's words."""
+    try:
+        vm = describe_vm(qmp)
+    except VmsnapError:
+        return
+    chosen = {device.node_name: device.label for device in plan.acting()}
+    blocked = [
+        (
+            f"disk {chosen[disk['node_name']]}",
+            blocking_bitmaps((bitmap.get("name"), bitmap.get("busy")) for bitmap in disk.get("bitmaps") or []),
+        )
+        for disk in vm["block_devices"]
+        if disk.get("node_name") in chosen
+    ]
+    exc.msg = (
+        refusal_message(blocked, plan.request.name, plan.request.backup_bitmaps, nothing_changed=False)
+        + " They appeared after the task had checked the VM, and QEMU refused the load."
+    )
+    exc.details["bitmaps"] = [bitmap.name for dummy, found in blocked for bitmap in found]

@@ -17,11 +17,19 @@ from dataclasses import dataclass, field
 
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import (
     InsufficientSpaceError,
+    QemuImgError,
     ValidationError,
     VmsnapError,
 )
 from ansible_collections.vmsnap.qemu.plugins.module_utils._image import ImageInfo, Snapshot, metadata_update_reserve
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qemu_img import refuse_if_in_use
+from ansible_collections.vmsnap.qemu.plugins.module_utils._revert_bitmaps import (
+    BlockingBitmap,
+    RevertBlockedError,
+    blocking_bitmaps,
+    check_revert_bitmaps,
+    refusal_message,
+)
 
 if t.TYPE_CHECKING:
     from ansible_collections.vmsnap.qemu.plugins.module_utils._qemu_img import QemuImg
@@ -41,11 +49,17 @@ class ImagePlan:
     delete: Snapshot | None = None
     revert: Snapshot | None = None
     prune: list[Snapshot] = field(default_factory=list)
+    backup_bitmaps: str = "fail"
+    drop_bitmaps: list[BlockingBitmap] = field(default_factory=list)  # backup bitmaps removed before the revert
     warnings: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
         return self.create or self.delete is not None or self.revert is not None or bool(self.prune)
+
+    @property
+    def where(self) -> str:
+        return f"image {self.path}"
 
     def names_before(self) -> list[str]:
         return [snap.name for snap in self.info.snapshots]
@@ -66,11 +80,21 @@ class ImagePlan:
 
 
 def plan_image(
-    path: str, info: ImageInfo, state: str, name: str | None, policy: RetentionPolicy | None, now: float
+    path: str,
+    info: ImageInfo,
+    state: str,
+    name: str | None,
+    policy: RetentionPolicy | None,
+    now: float,
+    backup_bitmaps: str = "fail",
 ) -> ImagePlan:
-    """Decide what one image needs. Raises before anything is touched when the request cannot be met."""
+    """Decide what one image needs. Raises before anything is touched when the request cannot be met.
+
+    backup_bitmaps (state reverted): "drop" removes the image's qcow2_backup bitmaps before the revert, "fail"
+    refuses; any other tool's bitmap always refuses.
+    """
     _require_qcow2(path, info)
-    plan = ImagePlan(path=path, info=info, state=state, name=name)
+    plan = ImagePlan(path=path, info=info, state=state, name=name, backup_bitmaps=backup_bitmaps)
     if state == "present":
         plan.create = not info.snapshots_named(t.cast(str, name))
     elif state == "absent":
@@ -78,15 +102,6 @@ def plan_image(
         plan.delete = existing
     elif state == "reverted":
         plan.revert = _single_snapshot(path, info, t.cast(str, name), state, required=True)
-        if info.top.bitmaps:
-            names = ", ".join(bitmap.name for bitmap in info.top.bitmaps)
-            raise ValidationError(
-                f"Cannot revert {path}: it has dirty bitmaps ({names}) and QEMU refuses to apply an internal "
-                "snapshot to an image with dirty bitmaps ('Device has active dirty bitmaps'). Remove the bitmaps "
-                "first (qemu-img bitmap --remove), which also ends incremental backups based on them.",
-                image_path=path,
-                bitmaps=[bitmap.name for bitmap in info.top.bitmaps],
-            )
     if policy is not None and state in ("present", "pruned"):
         plan.prune, skipped = _prunable(info, policy, now, protect=name if state == "present" else None)
         plan.warnings.extend(
@@ -96,6 +111,14 @@ def plan_image(
         )
     if plan.changed:
         _require_writable(path, info)
+    if plan.revert is not None:
+        found = blocking_bitmaps((bitmap.name, False) for bitmap in info.top.bitmaps)
+        try:
+            check_revert_bitmaps([(plan.where, found)], plan.revert.name, backup_bitmaps)
+        except RevertBlockedError as exc:
+            exc.details["image_path"] = path
+            raise
+        plan.drop_bitmaps = found
     count_after = len(plan.names_after())
     if count_after > MANY_SNAPSHOTS_WARNING_THRESHOLD:
         plan.warnings.append(
@@ -207,9 +230,38 @@ def _irreversible_steps(qemu_img: QemuImg, plan: ImagePlan) -> list[t.Callable[[
     if plan.delete is not None:
         steps.append(functools.partial(qemu_img.snapshot_delete, plan.path, plan.delete.name))
     if plan.revert is not None:
-        steps.append(functools.partial(qemu_img.snapshot_apply, plan.path, plan.revert.name))
+        drops = [t.cast(str, bitmap.name) for bitmap in plan.drop_bitmaps]
+        steps.extend(functools.partial(_remove_bitmap, qemu_img, plan.path, name) for name in drops)
+        steps.append(functools.partial(_apply_snapshot, qemu_img, plan))
     steps.extend(functools.partial(qemu_img.snapshot_delete, plan.path, snap.name) for snap in plan.prune)
     return steps
+
+
+def _remove_bitmap(qemu_img: QemuImg, path: str, name: str) -> None:
+    qemu_img.run(["bitmap", "--remove", "-f", "qcow2", "--", path, name])
+
+
+def _apply_snapshot(qemu_img: QemuImg, plan: ImagePlan) -> None:
+    """qemu-img snapshot -a; a bitmap that appeared since the plan (a backup started meanwhile) is named, not
+    reported in QEMU's words."""
+    snapshot = t.cast(Snapshot, plan.revert)
+    try:
+        qemu_img.snapshot_apply(plan.path, snapshot.name)
+    except QemuImgError as exc:
+        if "active dirty bitmaps" not in exc.stderr:
+            raise
+        try:
+            now = qemu_img.read_top(plan.path)
+        except VmsnapError:
+            raise exc from None
+        found = blocking_bitmaps((bitmap.name, False) for bitmap in now.top.bitmaps)
+        msg = refusal_message([(plan.where, found)], snapshot.name, plan.backup_bitmaps, nothing_changed=False)
+        raise RevertBlockedError(
+            msg + " They appeared after the task had checked the image, and the snapshot was not applied; run the "
+            "task again.",
+            image_path=plan.path,
+            bitmaps=[bitmap.name for bitmap in found],
+        ) from None
 
 
 def _create_all_or_nothing(qemu_img: QemuImg, plans: list[ImagePlan]) -> None:

@@ -56,6 +56,21 @@ options:
       - Required unless O(state=pruned).
       - Must not be empty, purely numeric, longer than 255 bytes or contain control characters.
     type: str
+  backup_bitmaps:
+    description:
+      - What O(state=reverted) does about dirty bitmaps on an image. QEMU cannot revert an internal snapshot while
+        the image has any dirty bitmap, and M(vmsnap.qemu.qcow2_backup) keeps one on every disk it backs up
+        (named C(vmsnap-backup-<set>-<chain>)).
+      - V(fail) refuses the revert and names each bitmap - the backup set it belongs to, or another tool.
+      - V(drop) removes the backup bitmaps of M(vmsnap.qemu.qcow2_backup) (C(qemu-img bitmap --remove)) right
+        before the snapshot is applied, and warns, naming the backup sets. The next M(vmsnap.qemu.qcow2_backup) run
+        of each such set finds its bitmap gone and takes a full backup. In check mode the task reports what it
+        would remove (RV(dropped_bitmaps)).
+      - A bitmap of any other tool always fails the task, with the image left as it was.
+      - Ignored for the other states; V(drop) with them is refused.
+    type: str
+    choices: [fail, drop]
+    default: fail
   state:
     description:
       - V(present) creates the snapshot when no snapshot of that name exists.
@@ -115,6 +130,13 @@ EXAMPLES = r"""
       - /var/lib/vms/db01-data.qcow2
     name: pre-upgrade
     state: reverted
+
+- name: Roll back a disk that vmsnap.qemu.qcow2_backup backs up (its next backup is then a full one)
+  vmsnap.qemu.qcow2_snapshot:
+    path: /var/lib/vms/web01.qcow2
+    name: pre-upgrade
+    state: reverted
+    backup_bitmaps: drop
 
 - name: Release the checkpoint
   vmsnap.qemu.qcow2_snapshot:
@@ -176,6 +198,14 @@ snapshot:
       description: The guest clock stored with the snapshot, in seconds.
       type: float
       sample: 0.0
+dropped_bitmaps:
+  description:
+    - O(state=reverted) with O(backup_bitmaps=drop), when O(path) was given; the backup bitmaps removed before the
+      revert (in check mode, that would be removed), each with the backup set it belonged to.
+  returned: when O(path) is used
+  type: list
+  elements: dict
+  sample: [{name: vmsnap-backup-web01-3f9a0c12, set: web01}]
 snapshots:
   description:
     - All internal snapshots of the image after the task, when O(path) was given, with the keys of RV(snapshot).
@@ -208,6 +238,11 @@ results:
       description: Whether this image was (or in check mode would be) changed.
       type: bool
       sample: true
+    dropped_bitmaps:
+      description: As RV(dropped_bitmaps), for this image.
+      type: list
+      elements: dict
+      sample: []
     snapshot:
       description: As RV(snapshot), for this image.
       type: dict
@@ -237,6 +272,7 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._image import ImageInf
 from ansible_collections.vmsnap.qemu.plugins.module_utils._lock import image_locks
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qemu_img import QemuImg
 from ansible_collections.vmsnap.qemu.plugins.module_utils._retention import RetentionPolicy
+from ansible_collections.vmsnap.qemu.plugins.module_utils._revert_bitmaps import drop_warning
 from ansible_collections.vmsnap.qemu.plugins.module_utils._snapshot import ImagePlan, execute, plan_image
 from ansible_collections.vmsnap.qemu.plugins.module_utils._validate import (
     validate_image_path,
@@ -247,6 +283,7 @@ ARGUMENT_SPEC: dict[str, t.Any] = dict(
     path=dict(type="path"),
     paths=dict(type="list", elements="path"),
     name=dict(type="str"),
+    backup_bitmaps=dict(type="str", default="fail", choices=["fail", "drop"]),
     state=dict(type="str", default="present", choices=["present", "absent", "reverted", "pruned"]),
     retention=dict(
         type="dict",
@@ -286,16 +323,18 @@ def main() -> t.NoReturn:
             raise ValidationError("paths lists the same image more than once.", paths=paths)
         if params["retention"] is not None and params["state"] not in ("present", "pruned"):
             raise ValidationError(f"retention applies to state=present and state=pruned, not state={params['state']}.")
+        if params["backup_bitmaps"] == "drop" and params["state"] != "reverted":
+            raise ValidationError(f"backup_bitmaps=drop applies to state=reverted, not state={params['state']}.")
         name = params["name"]
         if params["state"] != "pruned" or name is not None:
             validate_snapshot_name(name)
         policy = RetentionPolicy.from_params(params["retention"])
         qemu_img = QemuImg(module)
         if module.check_mode:
-            plans = _plan(qemu_img, paths, params["state"], name, policy)
+            plans = _plan(qemu_img, paths, params["state"], name, policy, params["backup_bitmaps"])
         else:
             with image_locks(paths, timeout=params["lock_timeout"]):
-                plans = _plan(qemu_img, paths, params["state"], name, policy)
+                plans = _plan(qemu_img, paths, params["state"], name, policy, params["backup_bitmaps"])
                 execute(qemu_img, plans)
                 changed_paths = [plan.path for plan in plans if plan.changed]
                 after = dict(zip(changed_paths, qemu_img.read_top_many(changed_paths)))
@@ -306,6 +345,8 @@ def main() -> t.NoReturn:
     for plan in plans:
         for warning in plan.warnings:
             module.warn(warning)
+        if plan.drop_bitmaps:
+            module.warn(drop_warning([(plan.where, plan.drop_bitmaps)], str(plan.name), done=not module.check_mode))
     results = [_result(plan, after.get(plan.path)) for plan in plans]
     outcome: dict[str, t.Any] = dict(changed=any(plan.changed for plan in plans), results=results)
     if params["path"] is not None:
@@ -319,11 +360,16 @@ def main() -> t.NoReturn:
 
 
 def _plan(
-    qemu_img: QemuImg, paths: list[str], state: str, name: str | None, policy: RetentionPolicy | None
+    qemu_img: QemuImg,
+    paths: list[str],
+    state: str,
+    name: str | None,
+    policy: RetentionPolicy | None,
+    backup_bitmaps: str,
 ) -> list[ImagePlan]:
     now = time.time()
     infos = qemu_img.read_top_many(paths)
-    return [plan_image(path, info, state, name, policy, now) for path, info in zip(paths, infos)]
+    return [plan_image(path, info, state, name, policy, now, backup_bitmaps) for path, info in zip(paths, infos)]
 
 
 def _result(plan: ImagePlan, after: ImageInfo | None) -> dict[str, t.Any]:
@@ -348,6 +394,7 @@ def _result(plan: ImagePlan, after: ImageInfo | None) -> dict[str, t.Any]:
     return dict(
         path=plan.path,
         changed=plan.changed,
+        dropped_bitmaps=[bitmap.as_dict() for bitmap in plan.drop_bitmaps],
         snapshot=snapshot,
         snapshots=snapshots,
         pruned=[snap.name for snap in plan.prune],

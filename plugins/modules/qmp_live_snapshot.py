@@ -130,6 +130,35 @@ options:
       - Absolute path of the host side of the VM's qemu-guest-agent channel (a C(virtserialport) named
         C(org.qemu.guest_agent.0) backed by a unix socket). Needed for O(quiesce).
     type: path
+  backup_bitmaps:
+    description:
+      - What O(state=reverted) does about dirty bitmaps on the chosen disks. QEMU cannot load an internal snapshot
+        while a disk has any dirty bitmap, and M(vmsnap.qemu.qcow2_backup) keeps one on every disk it backs up
+        (named C(vmsnap-backup-<set>-<chain>)).
+      - V(fail) refuses the revert before anything is touched and names each bitmap - the backup set it belongs
+        to, or another tool.
+      - V(drop) removes the backup bitmaps of M(vmsnap.qemu.qcow2_backup) (C(block-dirty-bitmap-remove)) right
+        before the C(snapshot-load), in the same pause of the guest, and warns, naming the backup sets. The next
+        M(vmsnap.qemu.qcow2_backup) run of each such set finds its bitmap gone and takes a full backup. In check
+        mode the task reports what it would remove (RV(dropped_bitmaps)).
+      - A bitmap of any other tool, an unnamed bitmap of a running block job, and a backup bitmap that a running
+        backup job uses always fail the task, with nothing changed.
+      - V(drop) with another O(state) is refused.
+    type: str
+    choices: [fail, drop]
+    default: fail
+  after:
+    description:
+      - O(state=reverted) only. The run state of the VM after the snapshot was loaded.
+      - V(unchanged) keeps QEMU's behaviour - a running guest runs on from the snapshot, a paused one stays paused,
+        and a QEMU started with C(-S) that never ran (status C(prelaunch)) keeps waiting.
+      - V(running) resumes the guest after the load whatever its status was, for example for a QEMU started with
+        C(-S) so that the guest runs only from the snapshot on (the rollback role does this when the VM's QEMU was
+        gone; it is what C(-loadvm) does, with the checks of this module first).
+      - V(running) with another O(state) is refused.
+    type: str
+    choices: [unchanged, running]
+    default: unchanged
   timeout:
     description:
       - Seconds to wait for each QMP command and job (saving RAM, loading, merging an overlay, freezing).
@@ -164,7 +193,8 @@ notes:
   - After a failed C(snapshot-load), QEMU can leave the VM paused in status C(restore-vm) with its disks partly
     reverted. The module reports that status in the failure and does not resume the VM.
   - Internal snapshots and dirty bitmaps (incremental backups) do not mix. Taking a snapshot works, but QEMU refuses
-    to revert one while a chosen disk has a dirty bitmap; the module says so before trying.
+    to revert one while a chosen disk has a dirty bitmap; the module says so before trying, naming each bitmap's
+    backup set or owner, or with O(backup_bitmaps=drop) removes the bitmaps of M(vmsnap.qemu.qcow2_backup) first.
   - The VM is refused while it is in status C(restore-vm), C(inmigrate), C(internal-error), C(io-error),
     C(guest-panicked) or C(shutdown) (O(state=absent) still works), and while an earlier vmsnap job is still
     running in it.
@@ -187,6 +217,13 @@ EXAMPLES = r"""
     socket: /run/vms/web01.qmp
     name: pre-upgrade
     state: reverted
+
+- name: Roll back a VM whose disks vmsnap.qemu.qcow2_backup backs up (the next backups are then full ones)
+  vmsnap.qemu.qmp_live_snapshot:
+    socket: /run/vms/web01.qmp
+    name: pre-upgrade
+    state: reverted
+    backup_bitmaps: drop
 
 - name: Release the checkpoint
   vmsnap.qemu.qmp_live_snapshot:
@@ -255,6 +292,18 @@ devices:
       description: O(mode=external) only; the snapshot's overlay file.
       type: str
       sample: /var/lib/vms/overlays/db01-data.vmsnap-nightly.qcow2
+    dropped_bitmaps:
+      description: O(state=reverted) with O(backup_bitmaps=drop); the backup bitmaps removed from this disk before the
+        load (in check mode, that would be removed), each with its backup set.
+      type: list
+      elements: dict
+      sample: [{name: vmsnap-backup-web01-3f9a0c12, set: web01}]
+dropped_bitmaps:
+  description: All RV(devices[].dropped_bitmaps), each with the disk's name (C(device)).
+  returned: success
+  type: list
+  elements: dict
+  sample: [{device: drive0, name: vmsnap-backup-web01-3f9a0c12, set: web01}]
 downtime_ms:
   description:
     - How long the guest was paused, in milliseconds, from the timestamps of QEMU's C(STOP) and C(RESUME) events.
@@ -367,6 +416,7 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._live import (
 )
 from ansible_collections.vmsnap.qemu.plugins.module_utils._live_execute import LiveOutcome, execute_live
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient, QmpTimeoutError
+from ansible_collections.vmsnap.qemu.plugins.module_utils._revert_bitmaps import drop_warning
 from ansible_collections.vmsnap.qemu.plugins.module_utils._validate import (
     validate_image_path,
     validate_snapshot_name,
@@ -383,6 +433,8 @@ ARGUMENT_SPEC: dict[str, t.Any] = dict(
     overlay_dir=dict(type="path"),
     quiesce=dict(type="str", default="off", choices=["off", "best_effort", "required"]),
     guest_agent_socket=dict(type="path"),
+    backup_bitmaps=dict(type="str", default="fail", choices=["fail", "drop"]),
+    after=dict(type="str", default="unchanged", choices=["unchanged", "running"]),
     timeout=dict(type="float", default=300.0),
     connect_timeout=dict(type="float", default=5.0),
 )
@@ -401,6 +453,7 @@ def main() -> t.NoReturn:
             agent = _prepare_quiesce(module, plan, params["connect_timeout"])
             for warning in plan.warnings:
                 module.warn(warning)
+            dropped = [(f"disk {device.label}", device.drop_bitmaps) for device in plan.devices if device.drop_bitmaps]
             outcome = LiveOutcome()
             if plan.changed and not module.check_mode:
                 outcome = _act(module, qmp, plan, agent, vm_fingerprint(vm))
@@ -414,6 +467,8 @@ def main() -> t.NoReturn:
                     )
             elif agent is not None:
                 agent.close()
+            if dropped:
+                module.warn(drop_warning(dropped, request.name, done=not module.check_mode))
     except VmsnapError as exc:
         exc.do_fail(module, **result)
     result.update(
@@ -425,6 +480,9 @@ def main() -> t.NoReturn:
         frozen_filesystems=outcome.frozen_filesystems,
         frozen_ms=outcome.frozen_ms,
         deleted_overlays=outcome.deleted_overlays,
+        dropped_bitmaps=[
+            dict(device=device.label, **bitmap.as_dict()) for device in plan.devices for bitmap in device.drop_bitmaps
+        ],
         vmstate_file=plan.state_file,
         base_images=_base_images(plan),
     )
@@ -465,6 +523,9 @@ def _request(params: dict[str, t.Any]) -> LiveRequest:
     for timeout_name in ("timeout", "connect_timeout"):
         if params[timeout_name] <= 0:
             raise ValidationError(f"{timeout_name} must be a positive number of seconds.")
+    for option, value in (("backup_bitmaps", "drop"), ("after", "running")):
+        if params[option] == value and params["state"] != "reverted":
+            raise ValidationError(f"{option}={value} applies to state=reverted, not state={params['state']}.")
     return LiveRequest(
         name=name,
         mode=params["mode"],
@@ -475,6 +536,8 @@ def _request(params: dict[str, t.Any]) -> LiveRequest:
         quiesce=params["quiesce"],
         guest_agent_socket=params["guest_agent_socket"],
         timeout=params["timeout"],
+        backup_bitmaps=params["backup_bitmaps"],
+        after=params["after"],
     )
 
 

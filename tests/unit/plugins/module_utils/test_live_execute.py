@@ -242,7 +242,7 @@ def unlink_fails_for(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
 
 # --- 1. snapshot-load that fails ------------------------------------------------------------------------------
 
-LOAD_ERROR = "Could not load snapshot 'ckpt' on 'drive0': Device has active dirty bitmaps"
+LOAD_ERROR = "Error -22 while loading VM state"
 NOT_RESUME = "do not simply resume it"
 
 
@@ -826,3 +826,147 @@ def test_a_checkpoint_whose_save_is_refused_keeps_its_overlays_and_cancels_nothi
     assert all(os.path.exists(device.overlay) for device in live_plan.devices)
     assert "migrate_cancel" not in server.commands()  # the migration in progress is someone else's
     assert "closefd" in server.commands() and vm.status == "running"
+
+
+# --- 8. state reverted with backup bitmaps (backup_bitmaps=drop) -----------------------------------------------
+
+BACKUP_BITMAP = "vmsnap-backup-web01-0123abcd"
+BITMAP_ERROR = "Could not load snapshot 'ckpt' on '#block288': Device has active dirty bitmaps"
+
+
+def with_bitmaps(recording: Recording, names: t.Sequence[str], busy: bool = False) -> Recording:
+    """drive0 of the recording with these dirty bitmaps (as query-block reports them)."""
+    for disk in recording.vm["block_devices"]:
+        if disk["device"] == "drive0":
+            disk["bitmaps"] = [
+                {"name": name, "busy": busy, "count": 0, "granularity": 65536, "persistent": True, "recording": True}
+                for name in names
+            ]
+    return recording
+
+
+def run_state_hooks(vm: FakeVm, remove_error: str = "") -> None:
+    """stop and cont move the fake VM's status as QEMU does; block-dirty-bitmap-remove answers (or fails).
+
+    The events come before the replies (QEMU sends them as it acts), so that none is left unread at the end.
+    """
+
+    def stop(message: Message, server: FakeQmp) -> list[Message]:
+        vm.status = "paused"
+        return [event("STOP", 3, 0), reply(message, {})]
+
+    def cont(message: Message, server: FakeQmp) -> list[Message]:
+        vm.status = "running"
+        return [event("RESUME", 3, 500_000), reply(message, {})]
+
+    def remove(message: Message, server: FakeQmp) -> list[Message]:
+        return [qmp_error(message, remove_error)] if remove_error else [reply(message, {})]
+
+    vm.hooks.update({"stop": stop, "cont": cont, "block-dirty-bitmap-remove": remove})
+
+
+def revert_plan(recording: Recording, **kwargs: t.Any) -> LivePlan:
+    return plan(recording, name="ckpt", state="reverted", devices=("drive0", "disk2"), **kwargs)
+
+
+def test_drop_removes_the_backup_bitmaps_in_the_pause_of_the_load_and_resumes(connect, live) -> None:
+    recording = with_bitmaps(live("mixed-snapshots"), [BACKUP_BITMAP, "vmsnap-backup-other-89abcdef"])
+    vm = FakeVm(recording.nodes, status="running")
+    run_state_hooks(vm)
+    server, qmp = connect(vm)
+    live_plan = revert_plan(recording, backup_bitmaps="drop")
+    assert [b.backup_set for b in live_plan.devices[0].drop_bitmaps] == ["web01", "other"]
+    outcome = execute_live(qmp, live_plan, None)
+    acting = [c for c in vm.journal if c in ("stop", "block-dirty-bitmap-remove", "snapshot-load", "cont")]
+    assert acting == ["stop", "block-dirty-bitmap-remove", "block-dirty-bitmap-remove", "snapshot-load", "cont"]
+    assert [args for dummy, args in server.sent("block-dirty-bitmap-remove")] == [
+        {"node": "#block288", "name": BACKUP_BITMAP},
+        {"node": "#block288", "name": "vmsnap-backup-other-89abcdef"},
+    ]
+    assert vm.status == "running" and outcome.downtime_ms == 500.0 and not outcome.left_paused
+    assert live_plan.devices[0].result()["dropped_bitmaps"] == [
+        {"name": BACKUP_BITMAP, "set": "web01"},
+        {"name": "vmsnap-backup-other-89abcdef", "set": "other"},
+    ]
+
+
+@pytest.mark.parametrize(
+    "status, after, resumed",
+    [
+        pytest.param("paused", "unchanged", False, id="paused-stays-paused"),
+        pytest.param("paused", "running", True, id="paused-resumed"),
+        pytest.param("prelaunch", "running", True, id="prelaunch-like-loadvm"),
+    ],
+)
+def test_a_vm_that_was_not_running_is_resumed_only_when_asked(connect, live, status, after, resumed) -> None:
+    recording = with_bitmaps(live("mixed-snapshots"), [BACKUP_BITMAP])
+    recording.vm.update(status=status, running=False)
+    vm = FakeVm(recording.nodes, status=status)
+    run_state_hooks(vm)
+    server, qmp = connect(vm)
+    execute_live(qmp, revert_plan(recording, backup_bitmaps="drop", after=after), None)
+    assert "stop" not in vm.journal  # nothing runs that a pause would have to hold
+    assert ("cont" in vm.journal) is resumed
+    assert vm.journal.index("block-dirty-bitmap-remove") < vm.journal.index("snapshot-load")
+
+
+def test_a_failed_bitmap_removal_resumes_the_guest_and_loads_nothing(connect, live) -> None:
+    recording = with_bitmaps(live("mixed-snapshots"), [BACKUP_BITMAP, "vmsnap-backup-other-89abcdef"])
+    vm = FakeVm(recording.nodes, status="running")
+    run_state_hooks(vm)
+    removals: list[str] = []
+
+    def remove(message: Message, server: FakeQmp) -> list[Message]:
+        removals.append(message["arguments"]["name"])
+        if len(removals) == 2:
+            return [qmp_error(message, "Bitmap 'vmsnap-backup-other-89abcdef' is currently in use")]
+        return [reply(message, {})]
+
+    vm.hooks["block-dirty-bitmap-remove"] = remove
+    server, qmp = connect(vm)
+    with pytest.raises(LiveSnapshotError) as info:
+        execute_live(qmp, revert_plan(recording, backup_bitmaps="drop"), None)
+    msg = info.value.msg
+    assert "Removing the backup bitmap 'vmsnap-backup-other-89abcdef' from disk drive0 before the revert failed" in msg
+    assert "The snapshot was not loaded. Already removed: " + BACKUP_BITMAP in msg
+    assert "backup set 'web01' takes a full backup" in msg
+    assert info.value.details["dropped_bitmaps"] == [{"device": "drive0", "name": BACKUP_BITMAP, "set": "web01"}]
+    assert "snapshot-load" not in vm.journal and vm.journal[-1] == "cont" and vm.status == "running"
+
+
+def test_a_failed_load_after_the_drop_names_the_dropped_bitmaps_and_keeps_the_vm_paused(connect, live) -> None:
+    recording = with_bitmaps(live("mixed-snapshots"), [BACKUP_BITMAP])
+    vm = FakeVm(recording.nodes, status="running")
+    run_state_hooks(vm)
+    vm.job_error = lambda command, arguments: LOAD_ERROR
+    vm.status_after_failed_job = "restore-vm"
+    server, qmp = connect(vm)
+    with pytest.raises(QmpJobError) as info:
+        execute_live(qmp, revert_plan(recording, backup_bitmaps="drop"), None)
+    msg = info.value.msg
+    assert LOAD_ERROR in msg and NOT_RESUME in msg
+    assert f"The backup bitmaps {BACKUP_BITMAP} had been removed before the load" in msg
+    assert info.value.details["dropped_bitmaps"] == [{"device": "drive0", "name": BACKUP_BITMAP, "set": "web01"}]
+    assert "cont" not in vm.journal and vm.status == "restore-vm"
+
+
+def test_a_bitmap_that_appears_after_the_plan_is_named_not_qemus_words(connect, live, monkeypatch) -> None:
+    recording = live("mixed-snapshots")
+    vm = FakeVm(recording.nodes, status="running")
+    vm.job_error = lambda command, arguments: BITMAP_ERROR
+    vm.status_after_failed_job = "restore-vm"
+    server, qmp = connect(vm)
+    live_plan = revert_plan(recording)  # no bitmaps yet: a backup adds one before the load
+    later = with_bitmaps(live("mixed-snapshots"), [BACKUP_BITMAP, "other-tool"])
+    monkeypatch.setattr(_live_execute, "describe_vm", lambda qmp: later.vm)
+    with pytest.raises(QmpJobError) as info:
+        execute_live(qmp, live_plan, None)
+    msg = info.value.msg
+    assert "Device has active dirty bitmaps" not in msg
+    assert msg.startswith("Cannot revert to snapshot 'ckpt': QEMU refuses to revert an internal snapshot")
+    assert (
+        f"On disk drive0, bitmap '{BACKUP_BITMAP}' belongs to the backup set 'web01' of vmsnap.qemu.qcow2_backup; "
+        "bitmap 'other-tool' belongs to another tool (not vmsnap.qemu)." in msg
+    )
+    assert "appeared after the task had checked the VM" in msg and NOT_RESUME in msg
+    assert info.value.details["bitmaps"] == [BACKUP_BITMAP, "other-tool"]
