@@ -84,9 +84,20 @@ options:
     description:
       - Deletes old snapshots after O(state=present), or alone with O(state=pruned).
       - Only snapshots whose names match O(retention.match) are ever considered. The snapshot named
-        O(name) is never pruned by the task that keeps it present, and counts towards O(retention.keep).
-      - A matching snapshot is deleted when it is not among the O(retention.keep) newest matching
-        snapshots, or when it is older than O(retention.max_age).
+        O(name) is never pruned by the task that keeps it present; when the task creates it, it counts as
+        the newest matching snapshot, taken now, towards O(retention.keep) and the period rules.
+      - The count rules O(retention.keep), O(retention.keep_daily), O(retention.keep_weekly) and
+        O(retention.keep_monthly) work as Proxmox Backup Server's prune does. They are applied in that order,
+        each over the matching snapshots newest first. A rule skips periods that already hold a snapshot
+        an earlier rule kept, and keeps the newest snapshot of each new period until it has its number of
+        periods, so each rule counts only its own periods. A matching snapshot that no count rule keeps is
+        deleted. Days, ISO 8601 weeks (Monday to Sunday) and months are taken in UTC.
+      - O(retention.max_age) deletes matching snapshots older than it, also those a count rule keeps. With
+        O(retention.max_age) alone, every matching snapshot younger than it stays.
+      - The newest matching snapshot is never deleted, unless every count rule given is V(0) (for example
+        O(retention.keep=0)), which deletes every matching snapshot.
+      - The filter P(vmsnap.qemu.retention_select#filter) applies the same rules to any list, for example
+        to preview what a policy would delete.
     type: dict
     suboptions:
       match:
@@ -97,6 +108,24 @@ options:
       keep:
         description: Number of newest matching snapshots to keep.
         type: int
+      keep_daily:
+        description:
+          - Keep the newest matching snapshot of each of this many days, newest days first, that hold one
+            and that O(retention.keep) does not cover already.
+        type: int
+        version_added: 0.2.0
+      keep_weekly:
+        description:
+          - Keep the newest matching snapshot of each of this many ISO weeks, newest first, that hold one
+            and that the rules before it do not cover already.
+        type: int
+        version_added: 0.2.0
+      keep_monthly:
+        description:
+          - Keep the newest matching snapshot of each of this many calendar months, newest first, that hold one
+            and that the rules before it do not cover already.
+        type: int
+        version_added: 0.2.0
       max_age:
         description:
           - Delete matching snapshots older than this, as a whole number with a unit
@@ -152,6 +181,16 @@ EXAMPLES = r"""
       match: "auto-*"
       keep: 7
       max_age: 14d
+
+- name: Nightly snapshot, keeping 7 daily, 4 weekly and 6 monthly ones
+  vmsnap.qemu.qcow2_snapshot:
+    path: /var/lib/vms/web01.qcow2
+    name: "auto-{{ now(utc=true, fmt='%Y%m%dT%H%M%SZ') }}"
+    retention:
+      match: "auto-*"
+      keep_daily: 7
+      keep_weekly: 4
+      keep_monthly: 6
 
 - name: Prune without creating anything
   vmsnap.qemu.qcow2_snapshot:
@@ -290,6 +329,9 @@ ARGUMENT_SPEC: dict[str, t.Any] = dict(
         options=dict(
             match=dict(type="str"),
             keep=dict(type="int"),
+            keep_daily=dict(type="int"),
+            keep_weekly=dict(type="int"),
+            keep_monthly=dict(type="int"),
             max_age=dict(type="str"),
         ),
     ),
