@@ -263,7 +263,7 @@ def cancel_stale_jobs(qmp: QmpClient, job_ids: t.Iterable[str]) -> list[str]:
     Also closes the target node a killed task left open. Cancelling a backup job leaves its bitmap as it was.
     Only ids with the vmsnap-backup- prefix are accepted: other jobs are never touched.
     """
-    wanted = [job_id for job_id in job_ids]
+    wanted = list(job_ids)
     for job_id in wanted:
         if not job_id.startswith(JOB_PREFIX):
             raise BackupError(f"Refusing to cancel the job {job_id!r}: it is not one of vmsnap.qemu's.")
@@ -349,7 +349,6 @@ class _BackupRun:
         self.opened: list[str] = []
         self.sent = False
         self.started_at = 0.0
-        self.finalizing = False
 
     def label(self, job: DiskJob) -> str:
         return f"node {job.node} ({job.job_id})"
@@ -479,7 +478,6 @@ class _BackupRun:
             )
 
     def finalize(self) -> None:
-        self.finalizing = True
         ids = [job.job_id for job in self.jobs]
         for job in self.jobs:
             entry = self.qmp.query_job(job.job_id)
