@@ -152,6 +152,10 @@ def _check_items(items: t.Sequence[tuple[str, float]]) -> list[tuple[str, float]
             raise ValidationError(f"A retention item's id must be a non-empty string, not {item_id!r}.")
         if isinstance(epoch, bool) or not isinstance(epoch, (int, float)) or not math.isfinite(epoch):
             raise ValidationError(f"Item '{item_id}' has no valid time: {epoch!r} is not a number of seconds.")
+        try:
+            _utc(epoch)
+        except (OverflowError, ValueError, OSError):
+            raise ValidationError(f"Item '{item_id}' has no valid time: {epoch!r} is out of range.") from None
         if item_id in seen:
             raise ValidationError(f"Item '{item_id}' appears more than once; retention needs unique ids.")
         seen.add(item_id)

@@ -441,6 +441,7 @@ def test_period_rules_refuse_bad_params(params, message: str) -> None:
         ([("a", "yesterday")], "Item 'a' has no valid time: 'yesterday' is not a number of seconds."),
         ([("a", True)], "Item 'a' has no valid time: True"),
         ([("a", float("nan"))], "Item 'a' has no valid time: nan"),
+        ([("a", 1e20)], "Item 'a' has no valid time: 1e+20 is out of range."),
         ([("", 1.0)], "A retention item's id must be a non-empty string, not ''."),
         ([("a", 1.0, "x")], "A retention item must be a pair (id, epoch)"),
     ],
