@@ -73,8 +73,6 @@ class Target:
     decision: B.Decision | None = None
     broken: str | None = None
     dirty_bytes: int | None = None
-    backup_id: str | None = None
-    new_chain: str | None = None
     backup: dict[str, t.Any] | None = None
     pruned: list[str] = field(default_factory=list)
     prune_plan: B.PrunePlan | None = None

@@ -9,6 +9,7 @@ byte-identical), a foreign bitmap never touched, and SIGKILL of the module, of q
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -117,8 +118,9 @@ def test_four_runs_of_present_restored_and_pruned(disk: Path, dest: Path, tmp_pa
     check, real, again, dummy = four_runs(mode="full", **base)
     assert check["diff"] == {"before": {"web01-disk0": []}, "after": {"web01-disk0": [check["backup"]["id"]]}}
     assert again["backup"] == real["backup"] and real["backup"]["mode"] == "full"
-    forced = ok(mode="full", skip_unchanged=False, **base)
+    forced = ok(mode="full", skip_unchanged=False, compress=True, **base)
     assert forced["changed"] and forced["backup"]["mode"] == "full" and forced["backup"]["id"] != real["backup"]["id"]
+    assert forced["backup"]["compressed"] and forced["backup"]["size"] < real["backup"]["size"]
     assert forced["sets"][0]["bitmap"] != real["sets"][0]["bitmap"]
     assert set(bitmaps(disk)) == {FOREIGN, forced["sets"][0]["bitmap"]}  # the old chain's bitmap is gone
 
@@ -320,6 +322,16 @@ def _kill_when(proc: subprocess.Popen[bytes], ready: t.Callable[[], int | None],
     proc.wait(60)
 
 
+def _copier_ready(folder: Path, parent: int, copier: str, victim: str, helpers: list[int]) -> int | None:
+    """Once the backup's temporary file has grown: the pid to kill (0 = the module), noting the copier's pid."""
+    temps = list(folder.glob(".tmp-*.qcow2")) if folder.exists() else []
+    if not temps or temps[0].stat().st_size < 8 * MIB:
+        return None
+    child = _child(parent, copier)
+    helpers.extend([child] if child else [])
+    return 0 if victim == "module" else child
+
+
 def _wait_gone(pid: int) -> None:
     deadline = time.monotonic() + 30
     while not gone(pid):
@@ -367,17 +379,8 @@ def test_killed_during_full_and_incremental(tmp_path: Path, victim: str) -> None
         copier = "qemu-img" if step == "full" else "qemu-storage-daemon"
         helpers: list[int] = []
 
-        def temp_growing(
-            proc: subprocess.Popen[bytes] = proc, copier: str = copier, helpers: list[int] = helpers
-        ) -> int | None:
-            temps = list(folder.glob(".tmp-*.qcow2")) if folder.exists() else []
-            if not temps or temps[0].stat().st_size < 8 * MIB:
-                return None
-            child = _child(proc.pid, copier)
-            helpers.extend([child] if child else [])
-            return 0 if victim == "module" else child
-
-        _kill_when(proc, temp_growing, f"the {step} backup's temporary file")
+        ready = functools.partial(_copier_ready, folder, proc.pid, copier, victim, helpers)
+        _kill_when(proc, ready, f"the {step} backup's temporary file")
         for pid in helpers:  # a helper of a killed module dies with it (PDEATHSIG), a moment later
             _wait_gone(pid)
         if victim == "copier":
