@@ -38,6 +38,7 @@ help:
 	@echo "make bench-live - guest pause of live snapshots vs HMP savevm (tiny real guest, for docs/performance.md)"
 	@echo "make bench-ram - checkpoints with RAM: pause vs HMP savevm, state size, restore time (for docs/performance.md)"
 	@echo "make bench-workflow - roles vs direct QMP over fleets of 1/10/30 VMs, rollback time per method (for docs/performance.md)"
+	@echo "make bench-backup - qcow2_backup: incremental vs full, full vs cp, on a 1 GiB disk (for docs/performance.md)"
 
 .PHONY: system-packages
 system-packages:
@@ -163,6 +164,11 @@ bench-ram: deps copy
 .PHONY: bench-workflow
 bench-workflow: deps copy
 	ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) $(VENV)/bin/python benchmarks/workflow.py
+
+# qcow2_backup on a 1 GiB disk with 5% of its clusters changed: incremental vs full (time, size), full vs cp.
+.PHONY: bench-backup
+bench-backup: deps copy
+	ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) $(VENV)/bin/python benchmarks/backup.py
 
 .PHONY: clean
 clean:
