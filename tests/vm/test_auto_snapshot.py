@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -75,7 +76,8 @@ def full_tmpfs(folder: Path) -> t.Iterator[Path]:
 def test_playbook_over_faked_days(fleet_dir: Path) -> None:
     """Day 0: live and offline snapshots with pruning, exclusions, a socket that is down (offline through its disks),
     one without disks, a too full file system and a VM that fails (the others go on, the run fails naming it).
-    Day 1: only_running skips the stopped VM. Day 2: a dry run plans and changes nothing."""
+    Day 1: the next snapshots and pruning, and backups of both. Day 2: a dry run with only_running plans and changes
+    nothing."""
     live = NoOsVM(fleet_dir, "live1", disks=2).create_disks()
     down = NoOsVM(fleet_dir, "down1").create_disks()
     spare = fleet_dir / "excl1.qcow2"
@@ -126,33 +128,53 @@ def test_playbook_over_faked_days(fleet_dir: Path) -> None:
         assert snapshot_names(disk) == [*MANUAL, snap(at(-2, 1)), snap(at(-1)), new0]
     assert snapshot_names(down.disks[0]) == [*MANUAL, snap(at(-2)), snap(at(-1)), new0]
 
-    day1 = run_auto(
-        inventory,
-        {**base, "vmsnap_auto_vms": vms[:1] + vms[3:4], "vmsnap_auto_only_running": True},
-        "-e",
-        f"vmsnap_auto_now={at(1)}",
-    )
+    backups = fleet_dir / "backups"
+    backups.mkdir()
+    base["vmsnap_auto_backup"] = {"dest_dir": str(backups), "retention": {"keep": 2}}
+    day1 = run_auto(inventory, {**base, "vmsnap_auto_vms": [vms[0], vms[3]]}, "-e", f"vmsnap_auto_now={at(1)}")
     assert day1.returncode == 0, day1.stdout
     lines = summary(day1.stdout)
-    assert lines["live1"] == f"took {snap(at(1))} (live, 2 disks); deleted {snap(at(-2, 1))}", lines
-    assert lines["down1"] == "skipped: not running (QEMU is down) and vmsnap_auto_only_running is set"
+    backup_id = "[0-9]{8}T[0-9]{6}Z"
+    assert re.fullmatch(
+        f"took {snap(at(1))} \\(live, 2 disks\\); deleted {snap(at(-2, 1))}; "
+        f"backed up disk0 full {backup_id}, disk1 full {backup_id}",
+        lines["live1"],
+    ), lines
+    assert re.fullmatch(
+        f"took {snap(at(1))} \\(offline, 1 disk\\); deleted {snap(at(-2))}; backed up disk0 full {backup_id}",
+        lines["down1"],
+    ), lines
     for disk in live.disks:
         assert snapshot_names(disk) == [*MANUAL, snap(at(-1)), new0, snap(at(1))]
-    assert snapshot_names(down.disks[0]) == [*MANUAL, snap(at(-2)), snap(at(-1)), new0]
+    assert snapshot_names(down.disks[0]) == [*MANUAL, snap(at(-1)), new0, snap(at(1))]
+    indexes = [
+        backups / "live1/disk0/index.json",
+        backups / "live1/disk1/index.json",
+        backups / "down1/disk0/index.json",
+    ]
+    for index in indexes:
+        assert [backup["mode"] for backup in json.loads(index.read_text())["backups"]] == ["full"], index
 
+    # Day 2: a dry run that would also back up, with only_running (the stopped VM is skipped).
     images = [*live.disks, down.disks[0]]
-    before = {image: (sha256(image), snapshot_names(image)) for image in images}
+
+    def state() -> tuple[dict[Path, tuple[str, list[str]]], list[str]]:
+        return {image: (sha256(image), snapshot_names(image)) for image in images}, [sha256(i) for i in indexes]
+
+    before = state()
     day2 = run_auto(
         inventory,
-        {**base, "vmsnap_auto_vms": vms[:1] + vms[3:4], "vmsnap_auto_dry_run": True},
+        {**base, "vmsnap_auto_vms": [vms[0], vms[3]], "vmsnap_auto_dry_run": True, "vmsnap_auto_only_running": True},
         "-e",
         f"vmsnap_auto_now={at(2)}",
     )
     assert day2.returncode == 0, day2.stdout
     lines = summary(day2.stdout)
-    assert lines["live1"] == f"would take {snap(at(2))} (live, 2 disks); would delete {snap(at(-1))}", lines
-    assert lines["down1"] == f"would take {snap(at(2))} (offline, 1 disk); would delete {snap(at(-2))}", lines
-    assert {image: (sha256(image), snapshot_names(image)) for image in images} == before
+    assert lines["live1"].startswith(
+        f"would take {snap(at(2))} (live, 2 disks); would delete {snap(at(-1))}; would back up disk0 "
+    ), lines
+    assert lines["down1"] == "skipped: not running (QEMU is down) and vmsnap_auto_only_running is set"
+    assert state() == before
     assert live.running()
 
 
