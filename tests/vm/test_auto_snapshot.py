@@ -192,15 +192,25 @@ def test_role_installs_runs_and_removes(tmp_path: Path) -> None:
     """daily through systemd (units pass systemd-analyze verify, and the installed command line run for real in
     status mode flags a stale VM and exits non-zero), hourly through cron, an untranslatable cron schedule refused
     before anything is written, and state absent removing everything."""
-    folders = {name: tmp_path / name for name in ("etc", "systemd", "cron")}
-    for folder in (folders["systemd"], folders["cron"]):
-        folder.mkdir()
     images = {name: tmp_path / f"{name}.qcow2" for name in ("fresh1", "stale1", "none1")}
-    now = at(0)
     for image in images.values():
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M"], check=True)
     seed(images["fresh1"], snap(at(-3)), snap(at(0, -1)), "pre-upgrade")
     seed(images["stale1"], snap(at(-3)), snap(at(0, -1), "hourly"), "auto-daily-20261210T000000Z-x")
+    live = NoOsVM(tmp_path, "live2").create_disks()
+    seed(live.disks[0], snap(at(-1)), snap(at(0, -2)))
+    live.start()
+    try:
+        _install_run_remove(tmp_path, images, live)
+    finally:
+        live.kill()
+
+
+def _install_run_remove(tmp_path: Path, images: dict[str, Path], live: NoOsVM) -> None:
+    folders = {name: tmp_path / name for name in ("etc", "systemd", "cron")}
+    for folder in (folders["systemd"], folders["cron"]):
+        folder.mkdir()
+    vms = [{"name": name, "disks": [str(image)]} for name, image in images.items()]
     settings = tmp_path / "settings.json"
     settings.write_text(
         json.dumps(
@@ -211,7 +221,7 @@ def test_role_installs_runs_and_removes(tmp_path: Path) -> None:
                 "vmsnap_auto_manage_service": False,
                 "vmsnap_auto_ansible_playbook": str(VENV_BIN / "ansible-playbook"),
                 "vmsnap_auto_collections_path": os.environ.get("ANSIBLE_COLLECTIONS_PATH", ""),
-                "vmsnap_auto_vms": [{"name": name, "disks": [str(image)]} for name, image in images.items()],
+                "vmsnap_auto_vms": [*vms, {"name": "live2", "qmp_socket": str(live.qmp)}],
             }
         )
     )
@@ -242,7 +252,7 @@ def test_role_installs_runs_and_removes(tmp_path: Path) -> None:
     # What the timer would start, run now in status mode with a faked clock.
     unit = service.read_text()
     exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))[len("ExecStart=") :]
-    argv = shlex.split(exec_start) + ["-e", "vmsnap_auto_mode=status", "-e", f"vmsnap_auto_now={now}"]
+    argv = shlex.split(exec_start) + ["-e", "vmsnap_auto_mode=status", "-e", f"vmsnap_auto_now={at(0)}"]
     env = {key: value for key, value in os.environ.items() if not key.startswith("ANSIBLE_")}
     status = subprocess.run(argv, capture_output=True, text=True, env={**env, **_unit_env(unit)}, timeout=300)
     assert status.returncode != 0, status.stdout + status.stderr
@@ -251,8 +261,9 @@ def test_role_installs_runs_and_removes(tmp_path: Path) -> None:
         "fresh1": f"ok: newest {snap(at(0, -1))} is 1.0 h old",
         "stale1": f"STALE: newest {snap(at(-3))} is 72.0 h old, older than 2d",
         "none1": "STALE: no snapshot of label daily",
+        "live2": f"ok: newest {snap(at(0, -2))} is 2.0 h old",
     }, lines
-    assert "2 of 3 VMs: stale1: STALE" in status.stdout
+    assert "2 of 4 VMs: stale1: STALE" in status.stdout
 
     removed = run_playbook(str(AUTO / "install.yml"), inventory, "-e", f"@{settings}", "-e", "vmsnap_auto_state=absent")
     assert removed.returncode == 0, removed.stdout + removed.stderr
