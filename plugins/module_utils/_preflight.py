@@ -22,6 +22,7 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import Validat
 from ansible_collections.vmsnap.qemu.plugins.module_utils._guest_agent import GuestAgentClient, GuestFreezer
 from ansible_collections.vmsnap.qemu.plugins.module_utils._live import LivePlan, LiveRequest, plan_live
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient, QmpConnectionError, QmpTimeoutError
+from ansible_collections.vmsnap.qemu.plugins.module_utils._revert_bitmaps import backup_sets, blocking_bitmaps
 from ansible_collections.vmsnap.qemu.plugins.module_utils._vm import describe_vm
 from ansible_collections.vmsnap.qemu.plugins.module_utils._vmstate import read_vm_facts, reserve_bytes
 
@@ -337,14 +338,28 @@ def plan_stopped(request: PreflightRequest, view: VmView) -> Preflight:
 
 
 def bitmap_warnings(preflight: Preflight) -> list[str]:
+    """QEMU cannot roll back an internal snapshot while a disk has a dirty bitmap: say now what the rollback will do."""
     if preflight.method == "external":
         return []
-    return [
-        f"VM {preflight.request.vm}: disk {disk.file} has dirty bitmaps ({', '.join(disk.bitmaps)}): QEMU refuses "
-        "to roll back an internal snapshot while they exist, so the rollback will have to remove them first."
-        for disk in preflight.view.disks
-        if disk.bitmaps
-    ]
+    warnings = []
+    for disk in preflight.view.disks:
+        found = blocking_bitmaps((name, False) for name in disk.bitmaps)
+        foreign = [str(bitmap.name) for bitmap in found if bitmap.backup_set is None]
+        sets = backup_sets(found)
+        if foreign:
+            warnings.append(
+                f"VM {preflight.request.vm}: disk {disk.file} has dirty bitmaps ({', '.join(foreign)}): QEMU refuses "
+                "to roll back an internal snapshot while they exist, and they belong to another tool, which "
+                "vmsnap.qemu never touches: a rollback to this checkpoint fails until their owner removes them."
+            )
+        if sets:
+            warnings.append(
+                f"VM {preflight.request.vm}: disk {disk.file} has the bitmap of backup set "
+                f"{', '.join(map(repr, sets))} (vmsnap.qemu.qcow2_backup): a rollback to this checkpoint removes it "
+                "first (the rollback role's vmsnap_rollback_backup_bitmaps, default drop), and the set's next "
+                "backup is then a full one."
+            )
+    return warnings
 
 
 # --- 5. other processes holding the images ---------------------------------------------------------------------------

@@ -353,3 +353,11 @@ def test_dirty_bitmaps_warn_for_internal_and_offline_only() -> None:
     assert bitmap_warnings(Preflight(request, stopped_view([disk]), "external")) == []
     [warning] = bitmap_warnings(Preflight(request, stopped_view([disk]), "offline"))
     assert warning.startswith("VM web01: disk /v/a.qcow2 has dirty bitmaps (nightly): QEMU refuses to roll back")
+    assert "belong to another tool, which vmsnap.qemu never touches" in warning
+    disk.bitmaps = ("vmsnap-backup-web01-0123abcd",)
+    [warning] = bitmap_warnings(Preflight(request, stopped_view([disk]), "internal"))
+    assert warning == (
+        "VM web01: disk /v/a.qcow2 has the bitmap of backup set 'web01' (vmsnap.qemu.qcow2_backup): a rollback to "
+        "this checkpoint removes it first (the rollback role's vmsnap_rollback_backup_bitmaps, default drop), and "
+        "the set's next backup is then a full one."
+    )
