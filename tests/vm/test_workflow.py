@@ -95,7 +95,7 @@ def test_rollback_after_qemu_was_killed_starts_the_vm_from_the_checkpoint(fleet_
     for vm in (external, internal):
         assert vm.running() and vm.status() == "running", vm.name
         assert vm.reads(OLD), vm.name
-    assert "-loadvm" in Path(f"/proc/{internal.pid}/cmdline").read_text()
+    assert "\x00-S\x00" in Path(f"/proc/{internal.pid}/cmdline").read_text()  # started paused, then snapshot-load
     assert "-incoming" in Path(f"/proc/{external.pid}/cmdline").read_text()
     proc = run_playbook("vmsnap.qemu.release", inventory, *args)
     assert proc.returncode == 0, proc.stdout
