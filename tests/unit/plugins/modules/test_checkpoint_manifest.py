@@ -16,8 +16,10 @@ import stat
 import subprocess
 import typing as t
 from pathlib import Path
+from unittest import mock
 
 import pytest
+from ansible.module_utils import _internal
 from ansible.module_utils.common import warnings as ansible_warnings
 from ansible.module_utils.testing import patch_module_args
 
@@ -38,7 +40,9 @@ def run(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> t.Callable[..., d
         # Warnings are process-wide in module_utils: each run here is its own task.
         for name in ("_global_warnings", "_global_deprecations"):
             getattr(ansible_warnings, name).clear()
-        with patch_module_args(params), pytest.raises(SystemExit):
+        # A controller-side import in the same pytest process (a filter plugin's test) flips module_utils into
+        # controller mode, where warn() prints instead of adding to the result: a module runs on the target.
+        with patch_module_args(params), mock.patch.object(_internal, "is_controller", False), pytest.raises(SystemExit):
             checkpoint_manifest.main()
         return t.cast("dict[str, t.Any]", json.loads(capsys.readouterr().out))
 
