@@ -101,6 +101,11 @@ def test_playbook_over_faked_days(fleet_dir: Path) -> None:
         {"name": "spare2", "disks": [str(spare)], "exclude": True},
     ]
     base = {"vmsnap_auto_retention": {"keep_daily": 3}, "vmsnap_auto_exclude": ["excl?"]}
+    bad = run_auto(inventory, {**base, "vmsnap_auto_vms": [*vms, {"name": "nothing1"}], "vmsnap_auto_label": "a b"})
+    assert bad.returncode != 0
+    assert "vmsnap_auto_label must be letters, digits, '_' or '-' (got 'a b')" in bad.stdout, bad.stdout
+    assert "Start the record of VM" not in bad.stdout
+    assert snapshot_names(live.disks[0]) == [*MANUAL, *old_live]
     with contextlib.ExitStack() as stack:
         if os.geteuid() == 0:
             full = stack.enter_context(full_tmpfs(fleet_dir / "tmpfs"))
