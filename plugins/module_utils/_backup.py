@@ -117,6 +117,7 @@ def new_index(set_name: str, source: str, virtual_size: int) -> dict[str, t.Any]
         "source": source,
         "virtual_size": virtual_size,
         "chain": None,
+        "chains": [],
         "bitmap": None,
         "pending": None,
         "backups": [],
@@ -388,16 +389,37 @@ def decide_present(
     return Decision("incremental")
 
 
-def own_stale_bitmaps(set_name: str, names: t.Iterable[str], keep: t.Collection[str]) -> list[str]:
-    """This set's bitmaps that no chain of the index uses (left by a killed full backup or an old chain).
+def known_chains(index: dict[str, t.Any] | None) -> set[str]:
+    """Every chain this set has started (recorded before its bitmap is added), its backups' and its current one."""
+    if not index:
+        return set()
+    chains = {str(chain) for chain in index.get("chains") or []}
+    chains.update(str(entry["chain"]) for entry in backups_of(index) if entry.get("chain"))
+    if index.get("chain"):
+        chains.add(str(index["chain"]))
+    return chains
 
-    Bitmaps of other sets and of other tools are never listed."""
+
+def own_stale_bitmaps(
+    set_name: str, names: t.Iterable[str], keep: t.Collection[str], chains: t.Collection[str]
+) -> list[str]:
+    """This set's bitmaps that no chain of the index uses any more (left by a killed full backup or an old chain).
+
+    Only bitmaps of chains this set started are listed: a set of the same name in another dest_dir backs up the
+    same disk with its own chains, and other sets' and other tools' bitmaps are never listed."""
     stale = []
     for name in names:
         parsed = parse_bitmap_name(name)
-        if parsed is not None and parsed[0] == set_name and name not in keep:
+        if parsed is not None and parsed[0] == set_name and parsed[1] in chains and name not in keep:
             stale.append(name)
     return sorted(stale)
+
+
+def remember_chain(index: dict[str, t.Any], chain: str) -> None:
+    """Before a new chain's bitmap is added: a killed run's bitmap is then known as this set's (and removed)."""
+    chains = [str(c) for c in index.get("chains") or []]
+    if chain not in chains:
+        index["chains"] = chains + [chain]
 
 
 def chain_bitmap(set_name: str, chain: str) -> str:

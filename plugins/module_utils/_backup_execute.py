@@ -354,7 +354,7 @@ def plan_present(
         index, mode, target.broken, on_broken_chain, skip_unchanged, target.dirty_bytes, target.set_name
     )
     keep = {index["bitmap"]} if index and index.get("bitmap") and not index.get("pending") else set()
-    target.stale_bitmaps = B.own_stale_bitmaps(target.set_name, target.bitmaps, keep)
+    target.stale_bitmaps = B.own_stale_bitmaps(target.set_name, target.bitmaps, keep, B.known_chains(index))
 
 
 def taken_ids(target: Target) -> set[str]:
@@ -589,7 +589,7 @@ def drop_bitmaps(target: Target, names: list[str], qemu_img: QemuImg, qmp: QmpCl
     """Remove bitmaps of this set only (old chains, stale ones); never another set's or another tool's."""
     removed = []
     for name in names:
-        parsed = B.own_stale_bitmaps(target.set_name, [name], ())
+        parsed = B.own_stale_bitmaps(target.set_name, [name], (), B.known_chains(target.index))
         if not parsed:
             continue
         if qmp is not None:
@@ -961,6 +961,10 @@ class Task:
                 drop_bitmaps(target, target.stale_bitmaps, self.qemu_img, self.qmp)
         for job in jobs:
             job.target.old_bitmap = (job.target.index or {}).get("bitmap")
+            if job.mode == "full":
+                index = t.cast("dict[str, t.Any]", job.target.index)
+                B.remember_chain(index, job.chain)
+                B.write_index(job.target.index_path, index)
         entries: list[dict[str, t.Any]]
         if not jobs:
             entries = []
@@ -1163,7 +1167,9 @@ class Task:
                 if target.node is not None:
                     state = E.bitmaps_of(self.qmp, target.node)
                     target.bitmaps = {name: B.BitmapView(name, True, False) for name in state}
-                target.stale_bitmaps = B.own_stale_bitmaps(target.set_name, target.bitmaps, keep)
+                target.stale_bitmaps = B.own_stale_bitmaps(
+                    target.set_name, target.bitmaps, keep, B.known_chains(target.index)
+                )
             if plan.changed or target.cleaned or target.stale_bitmaps:
                 self.changed = True
             if self.check_mode:

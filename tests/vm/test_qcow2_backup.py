@@ -210,6 +210,22 @@ def test_broken_chains(disk: Path, dest: Path) -> None:
     assert index_of(dest)["pending"] is None
 
 
+def test_two_folders_back_up_one_disk_side_by_side(disk: Path, dest: Path, tmp_path: Path) -> None:
+    """A nightly set here and a weekly one on other storage, both named after the disk: each keeps its own chain
+    (and bitmap) and takes incrementals; neither removes the other's bitmap as stale."""
+    other = tmp_path / "offsite"
+    other.mkdir()
+    here, there = dict(path=str(disk), dest_dir=str(dest)), dict(path=str(disk), dest_dir=str(other))
+    assert ok(**here)["backup"]["mode"] == ok(**there)["backup"]["mode"] == "full"
+    for pattern in (0xB1, 0xB2):
+        write(disk, pattern, 2 * MIB)
+        first, second = ok(**here)["backup"], ok(**there)["backup"]
+        assert (first["mode"], second["mode"]) == ("incremental", "incremental")
+        assert first["changed_bytes"] == MIB and second["changed_bytes"] == MIB
+    ours = {index_of(dest)["bitmap"], index_of(other)["bitmap"]}
+    assert len(ours) == 2 and ours | {FOREIGN} == set(bitmaps(disk))
+
+
 def test_verified_detects_one_changed_byte(disk: Path, dest: Path, tmp_path: Path) -> None:
     base = dict(path=str(disk), dest_dir=str(dest))
     full = ok(**base)["backup"]

@@ -151,7 +151,23 @@ def test_decide_present() -> None:
 def test_own_stale_bitmaps_never_lists_other_sets_or_tools() -> None:
     names = ["vmsnap-backup-web01-0011aabb", "vmsnap-backup-web01-deadbeef", "vmsnap-backup-web02-deadbeef",
              "other-tool", "vmsnap-backup-web01-XYZ"]  # fmt: skip
-    assert B.own_stale_bitmaps("web01", names, {"vmsnap-backup-web01-0011aabb"}) == ["vmsnap-backup-web01-deadbeef"]
+    chains = {"0011aabb", "deadbeef"}
+    assert B.own_stale_bitmaps("web01", names, {"vmsnap-backup-web01-0011aabb"}, chains) == [
+        "vmsnap-backup-web01-deadbeef"
+    ]
+
+
+def test_a_set_of_the_same_name_in_another_folder_keeps_its_bitmap() -> None:
+    """Two dest_dirs back up one disk into sets of the same name: each removes only chains it started."""
+    index = B.new_index("web01", "/v/web01.qcow2", 1 << 20)
+    B.remember_chain(index, "0011aabb")
+    B.remember_chain(index, "0011aabb")
+    assert index["chains"] == ["0011aabb"]
+    index["chain"], index["bitmap"] = "22223333", "vmsnap-backup-web01-22223333"
+    names = ["vmsnap-backup-web01-0011aabb", "vmsnap-backup-web01-22223333", "vmsnap-backup-web01-cafef00d"]
+    assert B.known_chains(index) == {"0011aabb", "22223333"}
+    stale = B.own_stale_bitmaps("web01", names, {index["bitmap"]}, B.known_chains(index))
+    assert stale == ["vmsnap-backup-web01-0011aabb"]  # cafef00d is the other folder's chain
 
 
 def test_chain_to_and_find_backup() -> None:
