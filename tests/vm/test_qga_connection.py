@@ -23,13 +23,13 @@ import json
 import os
 import re
 import socket
-import subprocess
 import threading
 import time
 import typing as t
 from pathlib import Path
 
 import pytest
+from ansible_server import run_ansible
 from conftest import BOOT_TIMEOUT, REPO, cache_dir
 from python_guest import build_python_guest
 from tiny_guest import GuestImage, GuestVM, make_ext4_qcow2
@@ -74,15 +74,7 @@ def play(workdir: Path, hosts: dict[str, dict[str, t.Any]], tasks: list[dict[str
     )
     env.setdefault("ANSIBLE_COLLECTIONS_PATH", str(REPO / "build" / "src"))
     started = time.monotonic()
-    proc = subprocess.run(
-        [str(PLAYBOOK), "-i", str(inventory), str(playbook)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        check=False,
-        cwd=workdir,
-    )
+    proc = run_ansible([str(PLAYBOOK), "-i", str(inventory), str(playbook)], env, 600, cwd=workdir)
     seconds = time.monotonic() - started
     lines = results.read_text(encoding="utf-8").splitlines() if results.exists() else []
     return PlayRun(proc.returncode, seconds, [json.loads(line) for line in lines], proc.stdout + proc.stderr)
