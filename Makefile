@@ -75,12 +75,27 @@ demo-more: deps copy
 	ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) $(VENV)/bin/ansible-playbook -i localhost, demo/ram_checkpoint.yml
 
 # Each layer stops the run when it fails; the last line counts the layers that passed.
-TEST_LAYERS := ruff changelog-lint sanity units integration vm-tests examples molecule lint galaxy
+# On 2 cores: integration (one ansible task after another, about one core busy) runs beside the layers of
+# TEST_BESIDE, which run one after another on the other core (-O: each layer's output comes in one piece when the
+# layer ends; after a failure the other lane finishes its current sub-make first). vm-tests (two workers) runs alone.
+TEST_BESIDE := sanity units examples molecule lint galaxy
+TEST_LAYERS := ruff changelog-lint integration $(TEST_BESIDE) vm-tests
 
 .PHONY: test
 test: deps
-	@$(MAKE) --no-print-directory copy $(TEST_LAYERS)
+	@$(MAKE) --no-print-directory ruff changelog-lint
+	@$(MAKE) --no-print-directory -j2 -Otarget integration test-beside
+	@$(MAKE) --no-print-directory vm-tests
 	@echo "make test layers: $(words $(TEST_LAYERS)) passed, 0 failed"
+
+.PHONY: test-beside
+test-beside:
+	@$(MAKE) --no-print-directory VMSNAP_SERIAL=1 copy $(TEST_BESIDE)
+
+# The sub-make of test-beside runs its layers one after another.
+ifeq ($(VMSNAP_SERIAL),1)
+.NOTPARALLEL:
+endif
 
 .PHONY: ruff
 ruff:
@@ -99,9 +114,10 @@ sanity:
 units:
 	VENV=$(VENV) SRC=$(CURDIR) WORK=$(ANSIBLE_TEST_WORK) STEPS=units tools/ansible-test.sh
 
+# A work folder of its own: it runs beside sanity and units (tools/ansible-test.sh takes one run per folder at a time).
 .PHONY: integration
 integration:
-	VENV=$(VENV) SRC=$(CURDIR) WORK=$(ANSIBLE_TEST_WORK) STEPS=integration tools/ansible-test.sh
+	VENV=$(VENV) SRC=$(CURDIR) WORK=$(ANSIBLE_TEST_WORK)-integration STEPS=integration tools/ansible-test.sh
 
 .PHONY: lint
 lint: copy

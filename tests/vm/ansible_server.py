@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import typing as t
 import warnings
 from pathlib import Path
@@ -131,6 +132,7 @@ class _Server:
         os.close(cmd_r)
         os.close(ans_w)
         self._answers = os.fdopen(ans_r, encoding="utf-8")
+        self.lock = threading.Lock()  # one command at a time on the pipes
 
     def _answer(self, timeout: float | None) -> dict[str, t.Any] | None:
         if timeout is not None and not select.select([self._answers], [], [], timeout)[0]:
@@ -143,14 +145,15 @@ class _Server:
     def run(self, argv: list[str], env: dict[str, str], cwd: str, timeout: float) -> subprocess.CompletedProcess[str]:
         out, err = self.work / "stdout", self.work / "stderr"
         command = {"argv": argv, "env": env, "cwd": cwd, "out": str(out), "err": str(err)}
-        os.write(self._cmd_w, (json.dumps(command) + "\n").encode())
-        pid = t.cast("dict[str, int]", self._answer(120))["pid"]
-        done = self._answer(timeout)
-        if done is None:
-            os.killpg(pid, signal.SIGKILL)  # the command's own process group (setsid in the child)
-            self._answer(None)
-            raise subprocess.TimeoutExpired(argv, timeout)
-        return subprocess.CompletedProcess(argv, done["rc"], out.read_text(), err.read_text())
+        with self.lock:
+            os.write(self._cmd_w, (json.dumps(command) + "\n").encode())
+            pid = t.cast("dict[str, int]", self._answer(120))["pid"]
+            done = self._answer(timeout)
+            if done is None:
+                os.killpg(pid, signal.SIGKILL)  # the command's own process group (setsid in the child)
+                self._answer(None)
+                raise subprocess.TimeoutExpired(argv, timeout)
+            return subprocess.CompletedProcess(argv, done["rc"], out.read_text(), err.read_text())
 
     def close(self) -> None:
         if self.proc.poll() is None:
