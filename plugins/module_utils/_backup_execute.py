@@ -344,8 +344,8 @@ def plan_present(
     target: Target, mode: str, on_broken_chain: str, skip_unchanged: bool, dirty_bytes: t.Callable[[str], int | None]
 ) -> None:
     """Fill target.decision (and the stale bitmaps). dirty_bytes(bitmap) reads a healthy chain bitmap's count."""
-    assert target.virtual_size is not None
-    target.broken = B.broken_chain_reason(target.index, target.bitmaps, target.folder, target.virtual_size)
+    virtual_size = t.cast(int, target.virtual_size)  # set by every target_from_* before planning
+    target.broken = B.broken_chain_reason(target.index, target.bitmaps, target.folder, virtual_size)
     index = target.index
     healthy_bitmap = index.get("bitmap") if index and target.broken is None and B.newest(index) else None
     if healthy_bitmap and skip_unchanged:
@@ -366,8 +366,8 @@ def taken_ids(target: Target) -> set[str]:
 
 
 def new_job(target: Target, backup_id: str, now: float) -> Job:
-    assert target.decision is not None
-    if target.decision.action == "full":
+    decision = t.cast(B.Decision, target.decision)  # plan_present() ran first
+    if decision.action == "full":
         chain = B.new_chain_id()
         bitmap = bitmap_name(target.set_name, chain)
         parent = None
@@ -378,7 +378,7 @@ def new_job(target: Target, backup_id: str, now: float) -> Job:
         parent = B.newest(index)
     return Job(
         target=target,
-        mode=target.decision.action,
+        mode=decision.action,
         backup_id=backup_id,
         temp=target.file(B.temp_file_name(backup_id)),
         bitmap=bitmap,
@@ -951,8 +951,8 @@ class Task:
             ensure_folder(target)
             cleanup_leftovers(target, check_mode=False)
             if target.index is None:
-                assert target.source is not None and target.virtual_size is not None
-                target.index = B.new_index(target.set_name, target.source, target.virtual_size)
+                source, size = t.cast(str, target.source), t.cast(int, target.virtual_size)
+                target.index = B.new_index(target.set_name, source, size)
         if live:
             self._cancel_stale_jobs()
         # Drop stale bitmaps first (a killed full's, an old chain's): they are this set's and nothing needs them.

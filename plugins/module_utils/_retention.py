@@ -250,8 +250,8 @@ class RetentionPolicy:
                 "whose names match it, so it must be given explicitly."
             )
         rules = PeriodRules.from_params({key: value for key, value in params.items() if key != "match"})
-        assert rules is not None  # a dict holding only 'match' fails in PeriodRules.from_params
-        return cls(match=match, **rules.as_dict())
+        # A dict holding only 'match' fails in PeriodRules.from_params, so rules is never None here.
+        return cls(match=match, **t.cast(PeriodRules, rules).as_dict())
 
     @property
     def rules(self) -> PeriodRules:
