@@ -155,8 +155,9 @@ install: $(VENV)/.installed copy
 # $VMSNAP_GUEST_CACHE), booted under TCG;
 # qmp_live_snapshot is run through ansible against it (collection from the copy).
 .PHONY: vm-tests
-# Two workers, one test file each at a time (most of the time goes to ansible's start-up and to QEMU waiting, so two
-# files run side by side on two cores); the tiny guest is built (or found in its cache) first, not by both workers.
+# Two workers, one test file each at a time (two files side by side on two cores; each worker runs ansible and
+# ansible-playbook through tests/vm/ansible_server.py, which imports ansible once); the tiny guest is built (or found
+# in its cache) first, not by both workers.
 vm-tests:
 	cd tests/vm && $(VENV)/bin/python -c 'from tiny_guest import build_tiny_guest, default_cache_dir as d; build_tiny_guest(d())'
 	ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) $(VENV)/bin/pytest -p no:cacheprovider -q -rs -n 2 --dist loadfile --durations=12 tests/vm
