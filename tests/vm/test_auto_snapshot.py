@@ -182,6 +182,15 @@ def test_playbook_over_faked_days(fleet_dir: Path) -> None:
     assert state() == before
     assert live.running()
 
+    # The same as ansible-playbook --check, without vmsnap_auto_dry_run, also for the stopped VM (offline).
+    settings = {**base, "vmsnap_auto_vms": [vms[0], vms[3]]}
+    checked = run_auto(inventory, settings, "--check", "-e", f"vmsnap_auto_now={at(2)}")
+    assert checked.returncode == 0, checked.stdout
+    lines = summary(checked.stdout)
+    assert lines["live1"].startswith(f"would take {snap(at(2))} (live, 2 disks); would delete {snap(at(-1))}"), lines
+    assert lines["down1"].startswith(f"would take {snap(at(2))} (offline, 1 disk)"), lines
+    assert state() == before
+
 
 def _unit_env(unit: str) -> dict[str, str]:
     env: dict[str, str] = {}
