@@ -35,7 +35,7 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import (
     VmsnapError,
 )
 from ansible_collections.vmsnap.qemu.plugins.module_utils._lock import image_locks
-from ansible_collections.vmsnap.qemu.plugins.module_utils._qcow2_native import probe_qemu_locks
+from ansible_collections.vmsnap.qemu.plugins.module_utils._qcow2_native import probe_qemu_locks, read_qcow2_layer
 from ansible_collections.vmsnap.qemu.plugins.module_utils._retention import PeriodRules
 from ansible_collections.vmsnap.qemu.plugins.module_utils._validate import validate_image_path
 
@@ -193,8 +193,23 @@ def ensure_folder(target: Target) -> None:
 
 def cleanup_leftovers(target: Target, check_mode: bool) -> list[str]:
     """Temporary files of killed runs and backup files the index does not list (no process of ours owns them:
-    the set is locked). Returns their names; check mode only lists them."""
-    names = B.leftover_temp_files(target.folder) + B.unrecorded_backup_files(target.folder, target.index)
+    the set is locked). Returns their names; check mode only lists them.
+
+    Backup files in a folder without an index are refused, not cleaned: the index was lost or moved, and those
+    files are the only copy of the backups. An unrecorded file that a recorded backup file really uses as its
+    backing file (a prune killed between its rename and its index write) is kept."""
+    unrecorded = B.unrecorded_backup_files(target.folder, target.index)
+    if target.index is None and unrecorded:
+        raise ValidationError(
+            f"Set folder {target.folder} holds backup files ({', '.join(unrecorded)}) but no {B.INDEX_NAME}: "
+            "its index was lost or moved, and this module does not guess what the files are. Nothing was changed; "
+            f"put the index back, or move the files elsewhere to start a new set.",
+            set_folder=target.folder,
+            files=unrecorded,
+        )
+    used = _real_backing_names(target)
+    orphans = [name for name in unrecorded if used is not None and name not in used]
+    names = B.leftover_temp_files(target.folder) + orphans
     if not check_mode:
         for name in names:
             with contextlib.suppress(FileNotFoundError):
@@ -202,6 +217,22 @@ def cleanup_leftovers(target: Target, check_mode: bool) -> list[str]:
         if names:
             B.fsync_folder(target.folder)
     return names
+
+
+def _real_backing_names(target: Target) -> set[str] | None:
+    """File names that the recorded backup files' own headers name as their backing file; None when a header could
+    not be read (then no unrecorded file is deleted)."""
+    used = set()
+    for entry in B.backups_of(target.index):
+        path = target.file(entry["file"])
+        if not os.path.exists(path):
+            continue
+        layer = read_qcow2_layer(path)
+        if layer is None:
+            return None
+        if layer.backing_file:
+            used.add(os.path.basename(layer.backing_file))
+    return used
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -880,6 +911,9 @@ class Task:
     def _lock_paths(self) -> list[str]:
         paths = [target.index_path for target in self.targets]
         paths += [target.image for target in self.targets if target.image]
+        # A running VM's disks too: two runs into different dest_dirs would otherwise take their sets' job ids and
+        # target nodes (named after the set) for a killed run's leftovers and cancel each other's jobs.
+        paths += [target.source for target in self.targets if target.image is None and target.source]
         if self.req.restore_to:
             paths.append(self.req.restore_to)
         return paths

@@ -1,0 +1,53 @@
+# Copyright (c) 2026, vmsnap.qemu contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+"""qcow2_backup and what is in a set folder besides its index: a lost index never costs the backups, and an
+unrecorded file that a recorded backup really builds on is never cleaned away (real qemu-img, module in-process)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qcow2_backup_helpers import MIB, new_image, ok, qemu_img, reads, run, tree, write
+
+
+def test_a_lost_index_is_refused_and_the_backups_are_kept(tmp_path: Path) -> None:
+    disk = new_image(tmp_path / "web01.qcow2")
+    dest = tmp_path / "backups"
+    dest.mkdir()
+    write(disk, 0xAA, 0)
+    ok(path=str(disk), dest_dir=str(dest))
+    write(disk, 0xBB, MIB)
+    ok(path=str(disk), dest_dir=str(dest))
+    (dest / "web01" / "index.json").rename(tmp_path / "index.json")  # lost or moved by hand
+    before = tree(dest)
+    for check in (True, False):
+        result = run(check=check, path=str(disk), dest_dir=str(dest))
+        assert result["failed"], result
+        assert "holds backup files" in result["msg"] and "but no index.json" in result["msg"], result["msg"]
+        assert tree(dest) == before
+
+
+def test_an_unrecorded_file_that_a_recorded_backup_builds_on_is_kept(tmp_path: Path) -> None:
+    """A prune killed after it renamed a merged file but before its index write leaves the index naming the old
+    parent; if the index also lost the entry of the file really used, the clean-up must not delete that file."""
+    disk = new_image(tmp_path / "web01.qcow2")
+    dest = tmp_path / "backups"
+    dest.mkdir()
+    write(disk, 0xAA, 0)
+    full = ok(path=str(disk), dest_dir=str(dest))["backup"]
+    write(disk, 0xBB, MIB)
+    inc = ok(path=str(disk), dest_dir=str(dest))["backup"]
+    index_path = dest / "web01" / "index.json"
+    index = json.loads(index_path.read_text())
+    index["backups"] = [entry for entry in index["backups"] if entry["id"] != full["id"]]
+    index["backups"][0].update(parent=None, mode="full")  # the index says standalone; the file still says otherwise
+    index_path.write_text(json.dumps(index))
+    write(disk, 0xCC, 2 * MIB)
+    result = run(path=str(disk), dest_dir=str(dest))
+    assert Path(full["file"]).exists(), result
+    assert full["file"].rsplit("/", 1)[1] not in result["sets"][0]["cleaned"]
+    assert reads(Path(inc["file"]), 0xBB, MIB) and reads(Path(inc["file"]), 0xAA, 0)
+    assert "backing-filename" in qemu_img("info", "--output=json", inc["file"])
