@@ -656,15 +656,19 @@ def verify_backup(qemu_img: QemuImg, target: Target, entry: dict[str, t.Any]) ->
             problems.append(f"its backing file is {top.backing_file}, not {parent_file}")
     elif top.backing_file:
         problems.append(f"it is recorded as standalone but has the backing file {top.backing_file}")
-    problem = image_is_clean(qemu_img, path)
-    if problem:
-        problems.append(problem)
-    if not problems:
-        digest, dummy = layer_digest(qemu_img, path, target.folder)
-        if not entry.get("sha256"):
-            problems.append("the index records no checksum for it")
-        elif digest != entry["sha256"]:
-            problems.append("its content does not match the checksum recorded when it was written")
+    try:
+        problem = image_is_clean(qemu_img, path)
+        if problem:
+            problems.append(problem)
+        if not problems:
+            digest, dummy = layer_digest(qemu_img, path, target.folder)
+            if not entry.get("sha256"):
+                problems.append("the index records no checksum for it")
+            elif digest != entry["sha256"]:
+                problems.append("its content does not match the checksum recorded when it was written")
+    except QemuImgError as exc:
+        # qemu-img check opens the backing chain: a missing or unreadable backing file ends up here.
+        problems.append(f"qemu-img cannot check {entry['file']}: {exc.stderr.strip() or exc.msg}")
     return problems
 
 
@@ -737,11 +741,89 @@ def restore(qemu_img: QemuImg, backup_file: str, restore_to: str, restore_as: st
 # pruned
 
 
-def execute_prune(qemu_img: QemuImg, target: Target, plan: B.PrunePlan) -> None:
-    """Merge what kept backups need into them (each through a checked copy renamed into place), then update the
-    index, then delete the removed files. Killed at any point, every backup the index lists stays restorable."""
+def merged_backups(index: dict[str, t.Any], plan: B.PrunePlan) -> list[str]:
+    """The backups whose data the merges of a prune read into a kept backup: each rebased kept backup and the
+    removed ancestors it absorbs (up to, not including, its new parent). The merged file gets a fresh checksum, so
+    damage in any of them would be recorded as good."""
+    by_id = {entry["id"]: entry for entry in B.backups_of(index)}
+    merged: list[str] = []
+    for child_id, new_parent in plan.rebase:
+        current: str | None = child_id
+        while current is not None and current != new_parent and current in by_id:
+            if current not in merged:
+                merged.append(current)
+            current = by_id[current].get("parent")
+    return merged
+
+
+def check_merged_backups(qemu_img: QemuImg, target: Target, plan: B.PrunePlan) -> None:
+    """Refuse the prune (before anything changes) when a backup a merge reads is not as the index records it."""
     index = t.cast("dict[str, t.Any]", target.index)
     by_id = {entry["id"]: entry for entry in B.backups_of(index)}
+    failures = []
+    for backup_id in merged_backups(index, plan):
+        problems = verify_backup(qemu_img, target, by_id[backup_id])
+        if problems:
+            failures.append(f"backup {backup_id}: {'; '.join(problems)}")
+    if failures:
+        raise B.BackupError(
+            f"Set {target.set_name}: cannot prune, a backup the merge into a kept backup reads fails verification ("
+            + " | ".join(failures)
+            + "). Merging it would record the damage as good data. Nothing was pruned or merged.",
+            set=target.set_name,
+        )
+
+
+def real_backing(qemu_img: QemuImg, target: Target, name: str) -> str | None:
+    """The file a backup file really uses as its backing file (its qcow2 header, whatever the index says), as a
+    normalized path; None when it has none. A relative backing name is relative to the set folder."""
+    try:
+        info = qemu_img.info(layer_spec(target.file(name)), backing_chain=False)
+    except QemuImgError as exc:
+        raise B.BackupError(
+            f"Set {target.set_name}: cannot prune, qemu-img cannot read {name} to learn which file it depends on: "
+            f"{exc.stderr.strip() or exc.msg}. Nothing was deleted.",
+            set=target.set_name,
+        ) from None
+    backing = info.top.backing_file
+    return os.path.realpath(os.path.join(target.folder, backing)) if backing else None
+
+
+def refuse_deleting_used_files(
+    qemu_img: QemuImg, target: Target, removed: t.Iterable[str], staying: t.Iterable[str], done: str, changed: bool
+) -> None:
+    """Refuse to delete a file that a file staying in the set really uses as its backing file (the index can be
+    behind the files: a merge renamed into place by a run killed before it updated the index)."""
+    going = {os.path.realpath(target.file(name)): name for name in removed}
+    users = []
+    for name in staying:
+        if not os.path.isfile(target.file(name)):
+            continue
+        backing = real_backing(qemu_img, target, name)
+        if backing in going:
+            users.append(f"{name} is backed by {going[backing]}")
+    if users:
+        raise B.BackupError(
+            f"Set {target.set_name}: cannot prune, a backup that stays really depends on a backup that would be "
+            f"deleted ({'; '.join(users)}), although the index says otherwise: the set's files and its index "
+            f"disagree (an interrupted merge, or a file changed by hand). {done} Check the set with state=verified.",
+            set=target.set_name,
+            changed=changed,
+        )
+
+
+def execute_prune(qemu_img: QemuImg, target: Target, plan: B.PrunePlan) -> None:
+    """Check the backups the merges read and the files that stay, merge what kept backups need into them (each
+    through a checked copy renamed into place), then update the index, then delete the removed files. Killed at any
+    point, every backup the index lists stays restorable."""
+    index = t.cast("dict[str, t.Any]", target.index)
+    by_id = {entry["id"]: entry for entry in B.backups_of(index)}
+    removed_files = [by_id[backup_id]["file"] for backup_id in plan.remove]
+    check_merged_backups(qemu_img, target, plan)
+    # The rebased backups were just checked against their recorded parents; the merge gives them new ones.
+    rebased = {child_id for child_id, dummy in plan.rebase}
+    unchanged = [by_id[backup_id]["file"] for backup_id in plan.kept if backup_id not in rebased]
+    refuse_deleting_used_files(qemu_img, target, removed_files, unchanged, "Nothing was pruned or merged.", False)
     for child_id, new_parent in plan.rebase:
         entry = by_id[child_id]
         path = target.file(entry["file"])
@@ -771,7 +853,11 @@ def execute_prune(qemu_img: QemuImg, target: Target, plan: B.PrunePlan) -> None:
         entry["changed_bytes"] = defined
         entry["size"] = os.stat(path).st_size
         B.write_index(target.index_path, index)
-    removed_files = [by_id[backup_id]["file"] for backup_id in plan.remove]
+    if plan.rebase:
+        staying = [by_id[backup_id]["file"] for backup_id in plan.kept]
+        refuse_deleting_used_files(
+            qemu_img, target, removed_files, staying, "The merges done are recorded; nothing was deleted.", True
+        )
     B.apply_prune(index, plan)
     B.write_index(target.index_path, index)
     for name in removed_files:

@@ -240,6 +240,62 @@ def test_verified_detects_one_changed_byte(disk: Path, dest: Path, tmp_path: Pat
     assert refused["failed"] and "fails verification" in refused["msg"] and not (tmp_path / "r.qcow2").exists()
 
 
+def test_a_damaged_backup_is_never_merged_into_a_kept_one(disk: Path, dest: Path) -> None:
+    """keep: 1 merges the full into the kept incremental and gives it a fresh checksum: a damaged incremental would
+    be recorded as good and the good full deleted. The prune refuses, naming the backup, and changes nothing."""
+    base = dict(path=str(disk), dest_dir=str(dest))
+    full = ok(**base)["backup"]
+    write(disk, 0xBB, 0)
+    inc = ok(**base)["backup"]
+    flip_byte(Path(inc["file"]), first_data_offset(Path(inc["file"])) + 4096)
+    before = tree(dest)
+    refused = run(state="pruned", retention={"keep": 1}, **base)
+    assert refused["failed"] and not refused["changed"], refused
+    assert f"backup {inc['id']}: its content does not match the checksum" in refused["msg"], refused["msg"]
+    assert "Nothing was pruned or merged." in refused["msg"]
+    assert tree(dest) == before and os.path.exists(full["file"])
+
+
+def test_prune_never_deletes_a_file_a_kept_backup_really_uses(disk: Path, dest: Path) -> None:
+    """A merge renamed into place by a run killed before it updated the index: I2 is really backed by F, the index
+    still says I1. keep: 2 plans to delete F (I1 made standalone); the prune reads the files' real backing files and
+    refuses, and I2 stays readable. verified reports the disagreement."""
+    base = dict(path=str(disk), dest_dir=str(dest))
+    full = ok(**base)["backup"]
+    write(disk, 0xB1, MIB)
+    inc1 = ok(**base)["backup"]
+    write(disk, 0xB2, 2 * MIB)
+    inc2 = ok(**base)["backup"]
+    folder = dest / "web01-disk0"
+    subprocess.run(
+        ["qemu-img", "rebase", "-q", "-f", "qcow2", "-b", Path(full["file"]).name, "-F", "qcow2", "--", inc2["file"]],
+        check=True, cwd=folder,
+    )  # fmt: skip
+    before = tree(dest)
+    refused = run(state="pruned", retention={"keep": 2}, **base)
+    assert refused["failed"] and not refused["changed"], refused
+    assert f"{Path(inc2['file']).name} is backed by {Path(full['file']).name}" in refused["msg"], refused["msg"]
+    assert "Nothing was pruned or merged." in refused["msg"]
+    assert tree(dest) == before
+    assert reads(inc2["file"], 0xAA, 0) and reads(inc2["file"], 0xB1, MIB) and reads(inc2["file"], 0xB2, 2 * MIB)
+    verified = run(state="verified", **base)
+    disagree = f"{inc2['id']}: its backing file is {Path(full['file']).name}, not {Path(inc1['file']).name}"
+    assert verified["failed"] and disagree in verified["msg"], verified["msg"]
+
+
+def test_verified_reports_a_missing_backing_file_as_a_problem(disk: Path, dest: Path) -> None:
+    base = dict(path=str(disk), dest_dir=str(dest))
+    full = ok(**base)["backup"]
+    write(disk, 0xBB, 0)
+    inc = ok(**base)["backup"]
+    os.unlink(full["file"])
+    verified = run(state="verified", **base)
+    assert verified["failed"] and not verified["changed"], verified
+    assert f"web01-disk0/{full['id']}: the file {Path(full['file']).name} is missing" in verified["msg"]
+    assert f"web01-disk0/{inc['id']}: qemu-img cannot check {Path(inc['file']).name}: " in verified["msg"]
+    assert [v["ok"] for v in verified["sets"][0]["verified"]] == [False, False]
+
+
 def test_bad_inputs_change_nothing(disk: Path, dest: Path, tmp_path: Path) -> None:
     base = dict(path=str(disk), dest_dir=str(dest))
     full = ok(**base)["backup"]

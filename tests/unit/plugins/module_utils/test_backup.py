@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.vmsnap.qemu.plugins.module_utils import _backup as B
+from ansible_collections.vmsnap.qemu.plugins.module_utils import _backup_execute as X
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import ValidationError
 from ansible_collections.vmsnap.qemu.plugins.module_utils._retention import PeriodRules
 
@@ -222,6 +223,26 @@ def test_prune_rebases_onto_the_nearest_kept_ancestor() -> None:
         ("I2", "F", "incremental"),
         ("I3", "I2", "incremental"),
     ]
+
+
+def test_merges_read_the_kept_backup_and_the_removed_ancestors_it_absorbs() -> None:
+    """What a prune verifies before it merges: the rebased kept backup and each removed ancestor up to its new
+    parent (the merged file gets a fresh checksum); nothing when no kept backup is rebased."""
+    index = _index(
+        ("F", "full", None, NOW - 3 * DAY),
+        ("I1", "incremental", "F", NOW - 2 * DAY - 60),
+        ("I2", "incremental", "I1", NOW - 2 * DAY),
+        ("I3", "incremental", "I2", NOW - 10),
+    )
+    assert X.merged_backups(index, _plan(index, keep_daily=3)) == ["I2", "I1"]
+    assert X.merged_backups(index, _plan(index, keep=1)) == ["I3", "I2", "I1", "F"]
+    assert X.merged_backups(index, _plan(index, keep=2)) == ["I2", "I1", "F"]
+    two_chains = _index(
+        ("F1", "full", None, NOW - 3 * DAY),
+        ("F2", "full", None, NOW - 2 * DAY),
+        ("I", "incremental", "F2", NOW - DAY),
+    )
+    assert X.merged_backups(two_chains, _plan(two_chains, keep=2)) == []
 
 
 def test_prune_never_removes_the_newest() -> None:
