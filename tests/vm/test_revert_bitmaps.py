@@ -34,6 +34,7 @@ from fleet import (
     offline_reads,
     qmp_execute,
     run_playbook,
+    snapshot_names,
     write_inventory,
 )
 
@@ -218,3 +219,34 @@ def test_rollback_role_drops_the_backup_bitmap_of_a_vm_whose_qemu_was_killed(fle
     assert b"-S" in cmdline and b"-loadvm" not in cmdline
     vm.kill()
     assert offline_reads(vm.disks[0], OLD)
+
+
+def test_rollback_role_ends_the_qemu_it_started_when_the_load_fails(fleet_dir: Path) -> None:
+    """Another tool's bitmap stops the load into the QEMU the role started with -S: the role ends that QEMU again
+    (else it would sit in prelaunch, holding the disk lock that qemu-img needs) and fails with the module's message.
+    The image is not byte-identical afterwards: any QEMU that opens it read-write and closes it rewrites the bitmap
+    directory (-loadvm did too); what it holds is compared instead."""
+    vm = NoOsVM(fleet_dir, "vm0").create_disks(OLD).start()
+    inventory = write_inventory(fleet_dir / "inventory.yml", {vm.name: guest_vars(vm, vmsnap_method="internal")})
+    args = [*common_vars(fleet_dir), "-e", "vmsnap_targets=guests"]
+    proc = run_playbook("vmsnap.qemu.checkpoint", inventory, *args)
+    assert proc.returncode == 0, proc.stdout
+    vm.write(NEW)
+    vm.qemu_io("drive0", "flush")
+    vm.kill()
+    qemu("qemu-img", "bitmap", "--add", str(vm.disks[0]), "other-tool")
+    before = fleet_dir / "before.qcow2"
+    before.write_bytes(vm.disks[0].read_bytes())
+
+    proc = run_playbook("vmsnap.qemu.rollback", inventory, *args)
+    assert proc.returncode != 0, proc.stdout
+    assert "bitmap 'other-tool' belongs to another tool (not vmsnap.qemu)" in proc.stdout, proc.stdout
+    assert "The QEMU that the rollback had started for it (with -S, the guest never ran) was stopped" in proc.stdout
+    assert not vm.running()
+    with pytest.raises(OSError):  # nothing listens on the socket any more (refused, or the file is gone)
+        qmp_execute(vm.qmp, "query-status")
+    qemu("qemu-img", "check", "-q", str(vm.disks[0]))  # not locked (check opens it read-write), and consistent
+    qemu("qemu-img", "compare", "-q", str(before), str(vm.disks[0]))  # the guest's data: still NEW, not reverted
+    assert offline_reads(vm.disks[0], NEW) and image_bitmaps(vm.disks[0]) == ["other-tool"]
+    assert snapshot_names(vm.disks[0]) == snapshot_names(before)
+    assert manifest(fleet_dir / "manifests", vm.name)["state"] == "open"
