@@ -242,6 +242,7 @@ def test_rollback_role_ends_the_qemu_it_started_when_the_load_fails(fleet_dir: P
     assert proc.returncode != 0, proc.stdout
     assert "bitmap 'other-tool' belongs to another tool (not vmsnap.qemu)" in proc.stdout, proc.stdout
     assert "The QEMU that the rollback had started for it (with -S, the guest never ran) was stopped" in proc.stdout
+    assert "the disks are not locked and hold what they held before the rollback." in proc.stdout
     assert not vm.running()
     with pytest.raises(OSError):  # nothing listens on the socket any more (refused, or the file is gone)
         qmp_execute(vm.qmp, "query-status")
