@@ -962,11 +962,22 @@ class Task:
         self.targets: list[Target] = []
         self.qmp: QmpClient | None = None
         self.changed = False
+        self.recorded: list[str] = []  # "<set>/<id>" of the backups this run wrote and recorded
         self.result: dict[str, t.Any] = {}
 
     # -- discovery --------------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, t.Any]:
+        try:
+            return self._run()
+        except VmsnapError as exc:
+            if self.recorded:  # e.g. the prune after the backup failed: the backups taken are there all the same
+                exc.details["changed"] = True
+                exc.details["backups_recorded"] = list(self.recorded)
+                exc.msg += f" (Recorded before the failure: {', '.join(self.recorded)}.)"
+            raise
+
+    def _run(self) -> dict[str, t.Any]:
         self.rules = validate_request(self.req)
         if self.req.socket is not None:
             from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient
@@ -1090,6 +1101,7 @@ class Task:
             entries = []
         elif live:
             entries = live_backups(self.qemu_img, t.cast("QmpClient", self.qmp), jobs, req.compress, req.timeout)
+            self.recorded += [f"{job.target.set_name}/{entry['id']}" for job, entry in zip(jobs, entries)]
         else:
             entries = []
             for job in jobs:
@@ -1101,6 +1113,7 @@ class Task:
                             self.qemu_img, job, req.compress, req.verify, req.timeout, req.connect_timeout, self.daemon
                         )
                     )
+                self.recorded.append(f"{job.target.set_name}/{entries[-1]['id']}")
         for job, entry in zip(jobs, entries):
             target = job.target
             target.backup = B.public_backup(entry, target.folder)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qcow2_backup_helpers import MIB, new_image, ok, qemu_img, reads, run, tree, write
+from qcow2_backup_helpers import MIB, first_data_offset, flip_byte, new_image, ok, qemu_img, reads, run, tree, write
 
 
 def test_a_lost_index_is_refused_and_the_backups_are_kept(tmp_path: Path) -> None:
@@ -51,3 +51,23 @@ def test_an_unrecorded_file_that_a_recorded_backup_builds_on_is_kept(tmp_path: P
     assert full["file"].rsplit("/", 1)[1] not in result["sets"][0]["cleaned"]
     assert reads(Path(inc["file"]), 0xBB, MIB) and reads(Path(inc["file"]), 0xAA, 0)
     assert "backing-filename" in qemu_img("info", "--output=json", inc["file"])
+
+
+def test_a_backup_taken_before_a_failed_prune_is_reported_as_a_change(tmp_path: Path) -> None:
+    """present + retention: the backup is recorded, then the prune refuses (a damaged parent it would merge); the
+    task fails, and says that it changed something and what."""
+    disk = new_image(tmp_path / "web01.qcow2")
+    dest = tmp_path / "backups"
+    dest.mkdir()
+    write(disk, 0xAA, 0)
+    ok(path=str(disk), dest_dir=str(dest))
+    write(disk, 0xBB, MIB)
+    damaged = Path(ok(path=str(disk), dest_dir=str(dest))["backup"]["file"])
+    flip_byte(damaged, first_data_offset(damaged))
+    write(disk, 0xCC, 2 * MIB)
+    result = run(path=str(disk), dest_dir=str(dest), retention={"keep": 1}, verify=False)
+    assert result["failed"] and result["changed"], result
+    index = json.loads((dest / "web01" / "index.json").read_text())
+    newest = index["backups"][-1]["id"]
+    assert result["backups_recorded"] == [f"web01/{newest}"] and f"web01/{newest}" in result["msg"], result
+    assert len(index["backups"]) == 3  # nothing pruned
