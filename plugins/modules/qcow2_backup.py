@@ -161,6 +161,10 @@ options:
         (a copy of the kept file is rebased onto its nearest kept ancestor, or made standalone, compared with the
         original chain, checksummed and renamed into place); only then are the removed files deleted. A kept backup
         that lost every ancestor becomes a full one (its file keeps its name).
+      - Every backup a merge reads is verified against its checksum first, and no file that a remaining backup
+        really uses as its backing file (its own header, whatever the index says) is ever deleted; either problem
+        fails the task before anything is removed.
+      - A set folder that holds backup files but no C(index.json) is refused by every state that writes.
       - With the disk given (O(path) or O(socket)), the set's stale bitmaps on the disk are removed too.
     type: dict
     suboptions:
