@@ -14,7 +14,6 @@ relative to the folder, so any backup is restorable by itself as a chain and the
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from ansible_collections.vmsnap.qemu.plugins.module_utils._backup_qmp import BackupError
 from ansible_collections.vmsnap.qemu.plugins.module_utils._bitmap_names import bitmap_name, parse_bitmap_name
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import ValidationError, VmsnapError
+from ansible_collections.vmsnap.qemu.plugins.module_utils._files import write_json_atomic
 from ansible_collections.vmsnap.qemu.plugins.module_utils._retention import select_keep
 
 FORMAT = 1
@@ -150,38 +150,9 @@ def read_index(path: str) -> dict[str, t.Any] | None:
 
 
 def write_index(path: str, data: dict[str, t.Any]) -> None:
-    """Atomically: a .tmp- file (0600) created exclusively, fsync, rename over the index, fsync the folder."""
-    folder = os.path.dirname(path)
-    payload = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    temp = os.path.join(folder, f"{TMP_PREFIX}index-{os.getpid()}-{time.monotonic_ns()}.json")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(payload)
-            out.flush()
-            os.fsync(out.fileno())
-        os.rename(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    fsync_folder(folder)
-
-
-def fsync_folder(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Atomically (0600), through a .tmp- file that the set's clean-up removes if a killed run leaves it."""
+    temp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}index-{os.getpid()}-{time.monotonic_ns()}.json")
+    write_json_atomic(path, data, temp=temp)
 
 
 def check_dest_dir(dest_dir: t.Any) -> str:

@@ -34,6 +34,7 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import (
     ValidationError,
     VmsnapError,
 )
+from ansible_collections.vmsnap.qemu.plugins.module_utils._files import fsync_file, fsync_folder
 from ansible_collections.vmsnap.qemu.plugins.module_utils._lock import image_locks
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qcow2_native import probe_qemu_locks, read_qcow2_layer
 from ansible_collections.vmsnap.qemu.plugins.module_utils._retention import PeriodRules
@@ -188,7 +189,7 @@ def require_index(target: Target) -> dict[str, t.Any]:
 def ensure_folder(target: Target) -> None:
     if not os.path.isdir(target.folder):
         os.mkdir(target.folder, 0o700)
-        B.fsync_folder(os.path.dirname(target.folder))
+        fsync_folder(os.path.dirname(target.folder))
 
 
 def cleanup_leftovers(target: Target, check_mode: bool) -> list[str]:
@@ -215,7 +216,7 @@ def cleanup_leftovers(target: Target, check_mode: bool) -> list[str]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(target.file(name))
         if names:
-            B.fsync_folder(target.folder)
+            fsync_folder(target.folder)
     return names
 
 
@@ -456,10 +457,10 @@ def finish_backup(
         verified_at = time.time()
     digest, defined = layer_digest(qemu_img, job.temp, target.folder)
     os.chmod(job.temp, 0o600)
-    B.fsync_file(job.temp)
+    fsync_file(job.temp)
     final = target.file(B.backup_file_name(job.backup_id, job.mode))
     os.rename(job.temp, final)
-    B.fsync_folder(target.folder)
+    fsync_folder(target.folder)
     entry = B.record_backup(
         index,
         backup_id=job.backup_id,
@@ -728,9 +729,9 @@ def restore(qemu_img: QemuImg, backup_file: str, restore_to: str, restore_as: st
             qemu_img.run(["convert", "-q", "-O", "qcow2", "--", backup_file, temp])
         if verify and not qemu_img.compare(backup_file, temp):
             raise B.BackupError(f"The restored image does not show the data of {backup_file}; nothing was replaced.")
-        B.fsync_file(temp)
+        fsync_file(temp)
         os.rename(temp, restore_to)
-        B.fsync_folder(os.path.dirname(restore_to))
+        fsync_folder(os.path.dirname(restore_to))
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
@@ -839,9 +840,9 @@ def execute_prune(qemu_img: QemuImg, target: Target, plan: B.PrunePlan) -> None:
                     "nothing was deleted."
                 )
             digest, defined = layer_digest(qemu_img, temp, target.folder)
-            B.fsync_file(temp)
+            fsync_file(temp)
             os.rename(temp, path)
-            B.fsync_folder(target.folder)
+            fsync_folder(target.folder)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
@@ -863,7 +864,7 @@ def execute_prune(qemu_img: QemuImg, target: Target, plan: B.PrunePlan) -> None:
     for name in removed_files:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(target.file(name))
-    B.fsync_folder(target.folder)
+    fsync_folder(target.folder)
 
 
 # ---------------------------------------------------------------------------------------------------------------

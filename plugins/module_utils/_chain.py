@@ -17,6 +17,7 @@ import typing as t
 from dataclasses import dataclass, field
 
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import ValidationError, VmsnapError
+from ansible_collections.vmsnap.qemu.plugins.module_utils._files import fsync_file, fsync_folder
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qcow2_native import QCOW2_MAGIC, read_qcow2_layer
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qemu_img import refuse_if_in_use
 
@@ -312,22 +313,14 @@ def flatten(qemu_img: QemuImg, plan: ChainPlan, compress: bool, verify: bool) ->
         os.chmod(temp, original.st_mode & 0o7777)
         if os.geteuid() == 0:
             os.chown(temp, original.st_uid, original.st_gid)
-        _fsync(temp)
+        fsync_file(temp)
         size = os.stat(temp).st_blocks * 512
         os.replace(temp, target)
-        _fsync(os.path.dirname(target))
+        fsync_folder(os.path.dirname(target))
         return size
     except BaseException:
         _remove_if_present(temp)
         raise
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_if_present(path: str) -> None:

@@ -27,9 +27,9 @@ import typing as t
 from dataclasses import dataclass, field
 
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import ValidationError, VmsnapError
+from ansible_collections.vmsnap.qemu.plugins.module_utils._files import write_bytes_atomic
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qemu_img import C_LOCALE
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient, QmpConnectionError
-from ansible_collections.vmsnap.qemu.plugins.module_utils._vmstate import fsync_folder
 
 ENV_VAR = "VMSNAP_QEMU_ARGS"
 INCOMING_ARGS = ("-incoming", "defer")
@@ -393,18 +393,8 @@ def write_env_file(path: str, args: list[str]) -> None:
     """Atomically (temp file, fsync, rename, fsync folder) write the unit's EnvironmentFile with mode 0600."""
     folder = os.path.dirname(path)
     os.makedirs(folder, mode=0o755, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=".vmsnap-env-", dir=folder)  # mode 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(env_file_text(args))
-            out.flush()
-            os.fsync(out.fileno())
-        os.rename(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    fsync_folder(folder)
+    temp = os.path.join(folder, f".vmsnap-env-{os.getpid()}-{time.monotonic_ns()}")
+    write_bytes_atomic(path, env_file_text(args).encode("utf-8"), temp)
 
 
 def stop(

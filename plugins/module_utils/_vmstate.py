@@ -33,6 +33,7 @@ import time
 import typing as t
 from dataclasses import asdict, dataclass, field
 
+from ansible_collections.vmsnap.qemu.plugins.module_utils import _files
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import (
     InsufficientSpaceError,
     ValidationError,
@@ -239,28 +240,8 @@ def read_sidecar(path: str) -> Sidecar | None:
 
 
 def write_json_atomic(path: str, data: t.Any) -> None:
-    """Write JSON to path with mode 0600: a temporary file created exclusively, fsync, rename, fsync the folder."""
-    payload = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    temp = _temp_name(path)
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(payload)
-            out.flush()
-            os.fsync(out.fileno())
-        os.rename(temp, path)
-    except BaseException:
-        _unlink_quietly(temp)
-        raise
-    fsync_folder(os.path.dirname(path))
-
-
-def fsync_folder(folder: str) -> None:
-    fd = os.open(folder or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """JSON written atomically (0600) through a temporary file that the sidecar clean-up recognises."""
+    _files.write_json_atomic(path, data, temp=_temp_name(path))
 
 
 def _temp_name(path: str) -> str:
@@ -747,7 +728,7 @@ def _put_in_place(
         # Sidecar first: a state file at path without its sidecar never comes from this module.
         write_json_atomic(sidecar_path(request.path), sidecar.as_dict())
         os.rename(finished, request.path)
-        fsync_folder(os.path.dirname(request.path))
+        _files.fsync_folder(os.path.dirname(request.path))
     except OSError as exc:
         _unlink_quietly(finished)
         raise VmStateError(
