@@ -13,11 +13,17 @@ from pathlib import Path
 from qcow2_backup_helpers import MIB, first_data_offset, flip_byte, new_image, ok, qemu_img, reads, run, tree, write
 
 
-def test_a_lost_index_is_refused_and_the_backups_are_kept(tmp_path: Path) -> None:
+def disk_and_dest(tmp_path: Path) -> tuple[Path, Path]:
+    """web01.qcow2 with pattern 0xAA in its first MiB, and an empty dest_dir."""
     disk = new_image(tmp_path / "web01.qcow2")
+    write(disk, 0xAA, 0)
     dest = tmp_path / "backups"
     dest.mkdir()
-    write(disk, 0xAA, 0)
+    return disk, dest
+
+
+def test_a_lost_index_is_refused_and_the_backups_are_kept(tmp_path: Path) -> None:
+    disk, dest = disk_and_dest(tmp_path)
     ok(path=str(disk), dest_dir=str(dest))
     write(disk, 0xBB, MIB)
     ok(path=str(disk), dest_dir=str(dest))
@@ -33,10 +39,7 @@ def test_a_lost_index_is_refused_and_the_backups_are_kept(tmp_path: Path) -> Non
 def test_an_unrecorded_file_that_a_recorded_backup_builds_on_is_kept(tmp_path: Path) -> None:
     """A prune killed after it renamed a merged file but before its index write leaves the index naming the old
     parent; if the index also lost the entry of the file really used, the clean-up must not delete that file."""
-    disk = new_image(tmp_path / "web01.qcow2")
-    dest = tmp_path / "backups"
-    dest.mkdir()
-    write(disk, 0xAA, 0)
+    disk, dest = disk_and_dest(tmp_path)
     full = ok(path=str(disk), dest_dir=str(dest))["backup"]
     write(disk, 0xBB, MIB)
     inc = ok(path=str(disk), dest_dir=str(dest))["backup"]
@@ -56,10 +59,7 @@ def test_an_unrecorded_file_that_a_recorded_backup_builds_on_is_kept(tmp_path: P
 def test_a_backup_taken_before_a_failed_prune_is_reported_as_a_change(tmp_path: Path) -> None:
     """present + retention: the backup is recorded, then the prune refuses (a damaged parent it would merge); the
     task fails, and says that it changed something and what."""
-    disk = new_image(tmp_path / "web01.qcow2")
-    dest = tmp_path / "backups"
-    dest.mkdir()
-    write(disk, 0xAA, 0)
+    disk, dest = disk_and_dest(tmp_path)
     ok(path=str(disk), dest_dir=str(dest))
     write(disk, 0xBB, MIB)
     damaged = Path(ok(path=str(disk), dest_dir=str(dest))["backup"]["file"])

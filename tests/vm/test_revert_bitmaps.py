@@ -195,19 +195,27 @@ def test_live_revert_names_the_set_drops_in_one_pause_and_refuses_foreign_bitmap
 # --- the rollback role ----------------------------------------------------------------------------------------
 
 
-def test_rollback_role_drops_the_backup_bitmap_of_a_vm_whose_qemu_was_killed(fleet_dir: Path) -> None:
-    """The new path: QEMU started with -S, then snapshot-load over QMP with the bitmap dropped, then cont. (A running
-    QEMU takes the same qmp_live_snapshot task, tested above; the workflow tests run it without bitmaps.)"""
-    vm = NoOsVM(fleet_dir, "vm0").create_disks(OLD)
-    qemu("qemu-img", "bitmap", "--add", str(vm.disks[0]), "vmsnap-backup-vm0-0123abcd")  # as a backup leaves it
-    vm.start()
+def checkpoint_then_crash(vm: NoOsVM, fleet_dir: Path) -> tuple[Path, list[str]]:
+    """An internal checkpoint through the checkpoint playbook, NEW written and flushed, then QEMU SIGKILLed (a
+    crash: the socket file stays behind). Returns the inventory and the playbook arguments for the rollback."""
     inventory = write_inventory(fleet_dir / "inventory.yml", {vm.name: guest_vars(vm, vmsnap_method="internal")})
     args = [*common_vars(fleet_dir), "-e", "vmsnap_targets=guests"]
     proc = run_playbook("vmsnap.qemu.checkpoint", inventory, *args)
     assert proc.returncode == 0, proc.stdout
     vm.write(NEW)
     vm.qemu_io("drive0", "flush")
-    vm.kill()  # a crash: the bitmap stays on the disk, marked in use (QEMU loads it as inconsistent)
+    vm.kill()
+    return inventory, args
+
+
+def test_rollback_role_drops_the_backup_bitmap_of_a_vm_whose_qemu_was_killed(fleet_dir: Path) -> None:
+    """The new path: QEMU started with -S, then snapshot-load over QMP with the bitmap dropped, then cont. (A running
+    QEMU takes the same qmp_live_snapshot task, tested above; the workflow tests run it without bitmaps.)"""
+    vm = NoOsVM(fleet_dir, "vm0").create_disks(OLD)
+    qemu("qemu-img", "bitmap", "--add", str(vm.disks[0]), "vmsnap-backup-vm0-0123abcd")  # as a backup leaves it
+    vm.start()
+    # The crash leaves the bitmap on the disk, marked in use (QEMU loads it as inconsistent).
+    inventory, args = checkpoint_then_crash(vm, fleet_dir)
     assert image_bitmaps(vm.disks[0]) == ["vmsnap-backup-vm0-0123abcd"]
 
     proc = run_playbook("vmsnap.qemu.rollback", inventory, *args)
@@ -227,13 +235,7 @@ def test_rollback_role_ends_the_qemu_it_started_when_the_load_fails(fleet_dir: P
     The image is not byte-identical afterwards: any QEMU that opens it read-write and closes it rewrites the bitmap
     directory (-loadvm did too); what it holds is compared instead."""
     vm = NoOsVM(fleet_dir, "vm0").create_disks(OLD).start()
-    inventory = write_inventory(fleet_dir / "inventory.yml", {vm.name: guest_vars(vm, vmsnap_method="internal")})
-    args = [*common_vars(fleet_dir), "-e", "vmsnap_targets=guests"]
-    proc = run_playbook("vmsnap.qemu.checkpoint", inventory, *args)
-    assert proc.returncode == 0, proc.stdout
-    vm.write(NEW)
-    vm.qemu_io("drive0", "flush")
-    vm.kill()
+    inventory, args = checkpoint_then_crash(vm, fleet_dir)
     qemu("qemu-img", "bitmap", "--add", str(vm.disks[0]), "other-tool")
     before = fleet_dir / "before.qcow2"
     before.write_bytes(vm.disks[0].read_bytes())
