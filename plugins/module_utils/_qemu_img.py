@@ -9,9 +9,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
+import struct
 import subprocess
 import typing as t
 from concurrent.futures import ThreadPoolExecutor
@@ -38,9 +41,20 @@ LIVE_SNAPSHOT_HINT = (
 # qemu-img processes on different images are independent; more than a few only queue up.
 MAX_PARALLEL = max(2, min(8, os.cpu_count() or 1))
 
+# Every qemu-img call is killed when it runs longer than this: a hung file system (an NFS server gone away)
+# blocks it in the kernel, and the task holds the image lock meanwhile. Metadata calls touch a few clusters.
+METADATA_TIMEOUT = 300.0
+# Calls that read or copy guest data (convert, commit, rebase, compare, check, map) get this base plus one
+# second per DATA_RATE bytes of the images they name (the larger of file size and virtual size).
+DATA_TIMEOUT = 3600.0
+DATA_RATE = 5 * 1024 * 1024
+_METADATA_COMMANDS = frozenset(("info", "snapshot", "bitmap", "create", "measure", "amend", "resize"))
+# After SIGKILL, how long to wait for the process group to go (a process stuck on a dead NFS server may not).
+_REAP_SECONDS = 5.0
+
 T = t.TypeVar("T")
 R = t.TypeVar("R")
-Execute = t.Callable[[t.List[str]], t.Tuple[int, str, str]]
+Execute = t.Callable[[t.List[str], t.Optional[float]], t.Tuple[int, str, str]]
 
 
 def refuse_if_in_use(info: ImageInfo, path: str) -> None:
@@ -57,38 +71,105 @@ def is_lock_error(stderr: str) -> bool:
     return any(marker in stderr for marker in _WRITE_LOCK_MARKERS)
 
 
-def execute_argv(cmd: list[str]) -> tuple[int, str, str]:
+def execute_argv(cmd: list[str], timeout: float | None = None) -> tuple[int, str, str]:
     """Run an argv list without a shell, in the C locale, and return (rc, stdout, stderr).
 
     Plain subprocess rather than AnsibleModule.run_command: it costs about 4 ms less per call, which is
     most of the module's per-disk overhead over raw qemu-img (see docs/performance.md), and it is thread-safe.
+    After timeout seconds the process and everything it started (its own session) get SIGKILL and
+    subprocess.TimeoutExpired is raised.
     """
-    proc = subprocess.run(
+    # Not a with-block: its exit waits for the process, which may never end on a dead file server.
+    proc = subprocess.Popen(  # pylint: disable=consider-using-with
         cmd,
         stdin=subprocess.DEVNULL,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         env=dict(os.environ, **C_LOCALE),
-        check=False,
         text=True,
         errors="surrogateescape",
+        start_new_session=True,
     )
-    return proc.returncode, proc.stdout, proc.stderr
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_session(proc)
+        raise
+    return proc.returncode, out, err
+
+
+def _kill_session(proc: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    # A process in uninterruptible sleep on a dead server gets the kill only when its I/O returns: do not wait.
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.communicate(timeout=_REAP_SECONDS)
+
+
+def _image_bytes(path: str) -> int:
+    """The larger of a file's size and, for qcow2, its virtual size (0 when it cannot be read)."""
+    try:
+        with open(path, "rb") as image:
+            header = image.read(32)
+            size = os.fstat(image.fileno()).st_size
+    except OSError:
+        return 0
+    if len(header) == 32 and header[:4] == b"QFI\xfb":
+        size = max(size, struct.unpack(">Q", header[24:32])[0])
+    return size
+
+
+def timeout_for(args: list[str], metadata: float = METADATA_TIMEOUT, data: float = DATA_TIMEOUT) -> float:
+    """Seconds a 'qemu-img ARGS' call may run: fixed for metadata, growing with the named images for data."""
+    if args and args[0] in _METADATA_COMMANDS:
+        return metadata
+    paths = args[args.index("--") + 1 :] if "--" in args else []
+    return data + sum(_image_bytes(path) for path in paths if path.startswith("/")) / DATA_RATE
 
 
 class QemuImg:
     """Runs qemu-img for a module. It never looks at check mode: callers decide whether to act."""
 
-    def __init__(self, module: AnsibleModule, execute: Execute = execute_argv) -> None:
+    def __init__(
+        self,
+        module: AnsibleModule,
+        execute: Execute = execute_argv,
+        metadata_timeout: float = METADATA_TIMEOUT,
+        data_timeout: float = DATA_TIMEOUT,
+    ) -> None:
         self.binary = module.get_bin_path("qemu-img", required=True)
         self._execute = execute
+        self.metadata_timeout = metadata_timeout
+        self.data_timeout = data_timeout
 
     def run(self, args: list[str]) -> str:
         """Run 'qemu-img ARGS' and return stdout; raise QemuImgError (or ImageInUseError) on failure."""
         cmd = [self.binary] + args
-        rc, out, err = self._execute(cmd)
+        rc, out, err = self._call(cmd)
         if rc != 0:
             raise self._error(cmd, rc, out, err)
         return out
+
+    def _call(self, cmd: list[str]) -> tuple[int, str, str]:
+        """The process seam with this call's time limit; a call that outlives it is killed and never a success."""
+        timeout = timeout_for(cmd[1:], self.metadata_timeout, self.data_timeout)
+        try:
+            return self._execute(cmd, timeout)
+        except subprocess.TimeoutExpired as exc:
+            out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
+            err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+            named = ", ".join(arg for arg in cmd[cmd.index("--") + 1 :] if arg.startswith("/")) if "--" in cmd else ""
+            raise QemuImgError(
+                f"{' '.join(cmd)} did not finish within {timeout:.0f} s and was killed; {named or cmd[-1]} may be "
+                "on a hung file system (an NFS or other network server that stopped answering). Nothing was reported "
+                "as done: check the storage, then run the task again.",
+                cmd,
+                -int(signal.SIGKILL),
+                out,
+                err,
+            ) from None
+        except OSError as exc:
+            raise QemuImgError(f"Cannot run {' '.join(cmd)}: {exc}", cmd, 127, "", str(exc)) from None
 
     def run_json(self, args: list[str]) -> t.Any:
         out = self.run(args)
@@ -148,7 +229,7 @@ class QemuImg:
     def check(self, path: str, force_share: bool = False) -> dict[str, t.Any]:
         """'qemu-img check' never raises on rc 2 (corrupt) or 3 (leaks): the JSON says what was found."""
         cmd = [self.binary, "check", "--output=json"] + (["--force-share"] if force_share else []) + ["--", path]
-        rc, out, err = self._execute(cmd)
+        rc, out, err = self._call(cmd)
         if rc not in (0, 2, 3):
             raise self._error(cmd, rc, out, err)
         try:
@@ -194,7 +275,7 @@ class QemuImg:
     def compare(self, first: str, second: str) -> bool:
         """Whether two images show the guest the same data; rc 1 means they differ, anything else is an error."""
         cmd = [self.binary, "compare", "-q", "--", first, second]
-        rc, out, err = self._execute(cmd)
+        rc, out, err = self._call(cmd)
         if rc not in (0, 1):
             raise self._error(cmd, rc, out, err)
         return rc == 0

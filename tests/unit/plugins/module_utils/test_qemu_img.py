@@ -7,12 +7,22 @@
 from __future__ import annotations
 
 import json
+import os
+import pathlib
+import subprocess
+import time
 
 import pytest
 
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import ImageInUseError, QemuImgError
+from ansible_collections.vmsnap.qemu.plugins.module_utils._qemu_img import (
+    DATA_RATE,
+    DATA_TIMEOUT,
+    METADATA_TIMEOUT,
+    execute_argv,
+    timeout_for,
+)
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qemu_img import QemuImg as RealQemuImg
-from ansible_collections.vmsnap.qemu.plugins.module_utils._qemu_img import execute_argv
 
 
 class Replay:
@@ -25,9 +35,12 @@ class Replay:
     def get_bin_path(self, name: str, required: bool = False) -> str:
         return "/usr/bin/" + name
 
-    def __call__(self, args: list[str]) -> tuple[int, str, str]:
-        self.calls.append(dict(args=args))
-        return self.replies.pop(0)
+    def __call__(self, args: list[str], timeout: float | None = None) -> tuple[int, str, str]:
+        self.calls.append(dict(args=args, timeout=timeout))
+        reply = self.replies.pop(0)
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
 
 
 def QemuImg(replay: Replay) -> RealQemuImg:  # noqa: N802 - reads like the class under test
@@ -150,3 +163,77 @@ def test_the_locked_image_named_by_qemu_img_is_the_one_reported(recorded) -> Non
     with pytest.raises(ImageInUseError) as info:
         QemuImg(module).create_overlay("/v/new.qcow2", "/tmp/q/run2.qcow2", "qcow2", "20G")
     assert info.value.msg.startswith("Image /tmp/q/run2.qcow2 is in use")
+
+
+class BinModule:
+    def get_bin_path(self, name: str, required: bool = False) -> str:
+        return "/usr/bin/" + name
+
+
+def test_every_call_has_a_time_limit_by_kind(tmp_path: pathlib.Path) -> None:
+    image = tmp_path / "big.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "50G"], check=True)
+    module = Replay([(0, "", "")] * 4)
+    runner = QemuImg(module)
+    runner.snapshot_create(str(image), "s1")
+    runner.commit(str(image), drop_top=True)
+    runner.convert_standalone(str(image), str(tmp_path / "new.qcow2"), compress=False, bitmaps=False)
+    runner.run(["bitmap", "--add", "--", str(image), "b"])
+    timeouts = [call["timeout"] for call in module.calls]
+    # Metadata calls: fixed. Data calls: the base plus the virtual size (50 GiB, more than the file) at DATA_RATE.
+    assert timeouts[0] == timeouts[3] == METADATA_TIMEOUT
+    assert timeouts[1] == timeouts[2] == pytest.approx(DATA_TIMEOUT + 50 * 1024**3 / DATA_RATE)
+    assert timeout_for(["compare", "--", "/nonexistent/a", "/nonexistent/b"]) == DATA_TIMEOUT
+
+
+def test_a_timeout_is_an_error_naming_command_path_and_seconds() -> None:
+    cmd = ["/usr/bin/qemu-img", "commit", "-q", "-f", "qcow2", "--", "/nfs/top.qcow2"]
+    module = Replay([subprocess.TimeoutExpired(cmd, 12.0)])
+    with pytest.raises(QemuImgError) as info:
+        QemuImg(module).commit("/nfs/top.qcow2", drop_top=False)
+    assert info.value.msg == (
+        f"{' '.join(cmd)} did not finish within {DATA_TIMEOUT:.0f} s and was killed; /nfs/top.qcow2 may be on a hung "
+        "file system (an NFS or other network server that stopped answering). Nothing was reported as done: check "
+        "the storage, then run the task again."
+    )
+    assert info.value.rc == -9
+
+
+def test_a_qemu_img_that_cannot_start_is_an_error() -> None:
+    module = Replay([FileNotFoundError(2, "No such file or directory")])
+    with pytest.raises(QemuImgError, match="Cannot run /usr/bin/qemu-img snapshot"):
+        QemuImg(module).snapshot_delete("/v/d.qcow2", "s1")
+
+
+def test_a_real_hang_is_killed_after_the_limit(tmp_path: pathlib.Path) -> None:
+    # qemu-img info on a FIFO blocks in open() like a read from a dead NFS server: a real hang, not a fake.
+    fifo = tmp_path / "hung.qcow2"
+    os.mkfifo(fifo)
+    runner = RealQemuImg(BinModule(), metadata_timeout=1.0)
+    runner.binary = "qemu-img"
+    started = time.monotonic()
+    with pytest.raises(QemuImgError) as info:
+        runner.info(str(fifo), backing_chain=False)
+    assert time.monotonic() - started < 10
+    assert "did not finish within 1 s and was killed" in info.value.msg
+    assert f"{fifo} may be on a hung file system" in info.value.msg
+    assert "Nothing was reported as done" in info.value.msg
+
+
+def test_the_whole_process_group_is_killed(tmp_path: pathlib.Path) -> None:
+    # A stand-in whose child keeps the output pipe open: killing only the parent would leave communicate() waiting.
+    pid_file = tmp_path / "child.pid"
+    started = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        execute_argv(["/bin/sh", "-c", f"sleep 60 & echo $! > {pid_file}; wait"], timeout=0.5)
+    assert time.monotonic() - started < 10
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"the stand-in's child {child} survived the timeout")
