@@ -124,13 +124,15 @@ lint: copy
 	cd $(COLLECTION_COPY) && ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) PATH=$(VENV)/bin:$$PATH \
 		$(VENV)/bin/ansible-lint --profile production --strict
 
-# Build the tarball, install it into an empty folder, and run a module from the installed copy.
+# Build the tarball, install it into an empty folder, and run a module from the installed copy; then the same on the
+# newest patch of every ansible-core minor version the README claims (2.17-2.20, tools/smoke-versions.sh).
 .PHONY: galaxy
 galaxy:
 	rm -rf $(INSTALL_ROOT) $(TARBALL)
 	cd $(COLLECTION_COPY) && $(VENV)/bin/ansible-galaxy collection build --force --output-path $(BUILD)
 	env -u ANSIBLE_COLLECTIONS_PATH $(VENV)/bin/ansible-galaxy collection install $(TARBALL) -p $(INSTALL_ROOT)
 	VENV=$(VENV) INSTALL_ROOT=$(INSTALL_ROOT) tools/smoke-installed.sh
+	TARBALL=$(TARBALL) BUILD=$(BUILD) tools/smoke-versions.sh
 
 # Every playbook of examples/ against real VMs (one without a guest OS, and the tiny guest of tests/vm).
 .PHONY: examples

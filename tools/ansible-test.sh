@@ -2,14 +2,14 @@
 # ansible-test sanity, units and integration for vmsnap.qemu, with no Docker and no access to ansible-test's
 # download host (a get-pip stand-in bootstraps its venvs from ensurepip and PyPI).
 # Env: VENV (ansible-core 2.19, py3.11)  SRC (collection root)  [WORK=/tmp/vmsnap-ansible-test (keep it: caches venvs)]
-#      [SANITY_PYTHONS="3.9 3.10 3.11 3.12 3.13"] [UNITS_PYTHONS="3.9 3.11 3.13"] [STEPS="sanity units integration"]
+#      [SANITY_PYTHONS="3.9 3.10 3.11 3.12 3.13"] [UNITS_PYTHONS="3.9 3.10 3.11 3.12 3.13"] [STEPS="sanity units integration"]
 #      [SANITY_ARGS= UNITS_ARGS= INTEGRATION_ARGS=] [STRICT=1: fail if any test was skipped]
 #      [PYENV_VERSIONS=~/.pyenv/versions]
 # Interpreters: each X.Y is taken from pyenv or /usr/bin; the module floor (3.9) is in tests/config.yml.
 set -euo pipefail
 : "${VENV:?}" "${SRC:?}"
 WORK="${WORK:-/tmp/vmsnap-ansible-test}"; SANITY_PYTHONS="${SANITY_PYTHONS:-3.9 3.10 3.11 3.12 3.13}"
-UNITS_PYTHONS="${UNITS_PYTHONS:-3.9 3.11 3.13}"; STEPS="${STEPS:-sanity units integration}"; STRICT="${STRICT:-1}"
+UNITS_PYTHONS="${UNITS_PYTHONS:-3.9 3.10 3.11 3.12 3.13}"; STEPS="${STEPS:-sanity units integration}"; STRICT="${STRICT:-1}"
 PYENV_VERSIONS="${PYENV_VERSIONS:-${PYENV_ROOT:-$HOME/.pyenv}/versions}"; CTL=3.11
 SRC="$(cd "$SRC" && pwd -P)"; VENV="$(cd "$VENV" && pwd -P)"; AT="$VENV/bin/ansible-test"
 [ -x "$AT" ] || { echo "ERROR: no ansible-test in $VENV" >&2; exit 2; }
