@@ -7,9 +7,13 @@
 
 """A small synchronous QMP client (standard library only) with a job helper.
 
-Timeouts are kept apart: connect_timeout bounds reaching the socket and the greeting, command_timeout
-bounds waiting for one reply, and each job wait has its own timeout. A job that outlives its timeout is
-reported as still running, never as done.
+Timeouts are kept apart: lock_timeout bounds waiting for another vmsnap task that is using the same socket
+(QEMU serves one QMP client at a time, so tasks on one VM take turns through a per-socket lock, see _lock.py),
+connect_timeout bounds reaching the socket and the greeting, command_timeout bounds waiting for one reply, and
+each job wait has its own timeout. A job that outlives its timeout is reported as still running, never as done.
+
+What a peer sends is bounded: one message at most MAX_MESSAGE_BYTES, JSON nesting as deep as Python's parser
+manages; anything else ends the connection with the error family, never an unbounded buffer or a traceback.
 """
 
 from __future__ import annotations
@@ -24,9 +28,23 @@ import struct
 import time
 import typing as t
 
-from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import VmsnapError
+from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import LockTimeoutError, VmsnapError
+from ansible_collections.vmsnap.qemu.plugins.module_utils._lock import (
+    acquire,
+    default_lock_dir,
+    describe_holder,
+    holder_of,
+    prepare_lock_dir,
+    release,
+    vm_lock_file_for,
+)
 
+DEFAULT_LOCK_TIMEOUT = 60.0
+# The largest real message is a guest agent's guest-exec-status output (16 MiB as base64 ~ 22 MB); QMP's replies
+# of a large VM are a few MB.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _JOB_POLL_SECONDS = 0.5
+_DEATH_GRACE_SECONDS = 1.0
 _LATE_RESUME_SECONDS = 2.0
 _COMPLETE_GRACE_SECONDS = 10.0
 
@@ -55,13 +73,30 @@ class QmpJobError(VmsnapError):
     """A job concluded with an error of its own."""
 
 
+class QmpVmDiedError(QmpConnectionError):
+    """The QEMU behind the socket exited (was killed) while this task waited for it."""
+
+
 class QmpClient:
     kind = "QMP socket"
 
-    def __init__(self, path: str, connect_timeout: float = 5.0, command_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        path: str,
+        connect_timeout: float = 5.0,
+        command_timeout: float = 30.0,
+        lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
+        lock_dir: str | None = None,
+    ) -> None:
+        """lock_timeout: how long to wait for another vmsnap task using this socket; None takes no lock (a private
+        socket this task created itself)."""
         self.path = path
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
+        self.lock_timeout = lock_timeout
+        self.lock_dir = lock_dir
+        self._lock_path: str | None = None
+        self._peer: int | None = None
         self.events: collections.deque[dict[str, t.Any]] = collections.deque()
         self.greeting: dict[str, t.Any] = {}
         self._sock: socket.socket | None = None
@@ -69,7 +104,11 @@ class QmpClient:
         self._next_id = 0
 
     def __enter__(self) -> QmpClient:
-        self.connect()
+        try:
+            self.connect()
+        except BaseException:
+            self.close()  # __exit__ does not run when __enter__ fails: the socket and the lock must not stay held
+            raise
         return self
 
     def __exit__(self, *exc_info: t.Any) -> None:
@@ -77,38 +116,86 @@ class QmpClient:
 
     def connect(self) -> None:
         self._open_socket()
-        deadline = time.monotonic() + self.connect_timeout
-        greeting = self._read_message(deadline, waiting_for="the QMP greeting")
-        if "QMP" not in greeting:
+        try:
+            self._handshake()
+        except BaseException:
             self.close()
-            raise QmpConnectionError(f"{self.path} did not greet like a QMP monitor: {greeting!r}", socket=self.path)
+            raise
+
+    def _handshake(self) -> None:
+        deadline = time.monotonic() + self.connect_timeout
+        try:
+            greeting = self._read_message(deadline, waiting_for="the QMP greeting")
+        except QmpTimeoutError:
+            raise QmpTimeoutError(
+                f"No QMP greeting from {self.path} within {self.connect_timeout:g} s: another client probably holds "
+                f"the socket {self.path} (QEMU serves one QMP client at a time), such as libvirt, socat or a human "
+                "at the monitor; or QEMU is hung. Nothing was sent to it.",
+                socket=self.path,
+            ) from None
+        if not isinstance(greeting.get("QMP"), dict):
+            raise QmpConnectionError(
+                f"{self.path} did not greet like a QMP monitor: {str(greeting)[:200]!r}", socket=self.path
+            )
         self.greeting = greeting["QMP"]
         self.execute("qmp_capabilities", timeout=self.connect_timeout)
 
+    def _take_turn(self) -> None:
+        """Wait for other vmsnap tasks on this socket (per-socket flock); held until close()."""
+        if self.lock_timeout is None or self._lock_path is not None:
+            return
+        directory = self.lock_dir or default_lock_dir()
+        prepare_lock_dir(directory)
+        lock_path = vm_lock_file_for(self.path, directory)
+        if not acquire(lock_path, self.lock_timeout):
+            raise LockTimeoutError(
+                f"Another vmsnap.qemu task is using the VM behind {self.path} ({describe_holder(lock_path)}): it was "
+                f"still busy after lock_timeout {self.lock_timeout:g} s (QEMU serves one QMP client at a time, so "
+                f"tasks on one VM take turns; lock file {lock_path}). Nothing was changed; retry later or raise "
+                "lock_timeout.",
+                socket=self.path,
+                lock_file=lock_path,
+                lock_holder=holder_of(lock_path),
+            )
+        self._lock_path = lock_path
+
     def _open_socket(self) -> None:
         _require_socket(self.path, self.kind)
+        self._take_turn()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.connect_timeout)
         try:
             sock.connect(self.path)
         except OSError as exc:
             sock.close()
+            self._release_turn()
             raise QmpConnectionError(
                 f"Cannot connect to the socket {self.path}: {exc.strerror or exc}. Is its QEMU still running?",
                 socket=self.path,
             ) from None
         self._sock = sock
         self._buffer = b""
+        self._peer = self.peer_pid()
 
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        self._buffer = b""
+        self._release_turn()
+
+    def _release_turn(self) -> None:
+        if self._lock_path is not None:
+            lock_path, self._lock_path = self._lock_path, None
+            release(lock_path)
 
     @property
     def version(self) -> tuple[int, int, int]:
-        qemu = self.greeting.get("version", {}).get("qemu", {})
-        return (int(qemu.get("major", 0)), int(qemu.get("minor", 0)), int(qemu.get("micro", 0)))
+        qemu = _as_dict(_as_dict(self.greeting.get("version")).get("qemu"))
+        try:
+            return (int(qemu.get("major", 0)), int(qemu.get("minor", 0)), int(qemu.get("micro", 0)))
+        except (TypeError, ValueError):
+            return (0, 0, 0)
 
     def execute(
         self,
@@ -116,10 +203,12 @@ class QmpClient:
         arguments: dict[str, t.Any] | None = None,
         timeout: float | None = None,
         fd: int | None = None,
+        expect: type | None = None,
     ) -> t.Any:
         """Send one command and return its 'return' value; events that arrive meanwhile are kept in self.events.
 
         fd: a file descriptor sent along (SCM_RIGHTS), as getfd and add-fd expect.
+        expect: the type the 'return' value must have (dict, list); another shape raises QmpConnectionError.
         """
         self._next_id += 1
         message_id = f"vmsnap-{self._next_id}"
@@ -136,9 +225,16 @@ class QmpClient:
             if reply.get("id", message_id) != message_id:
                 continue  # a late reply to an earlier command that timed out
             if "error" in reply:
-                error = reply["error"]
+                error = reply["error"] if isinstance(reply["error"], dict) else {"desc": reply["error"]}
                 raise QmpError(command, str(error.get("class", "GenericError")), str(error.get("desc", "")))
-            return reply.get("return")
+            value = reply.get("return")
+            if expect is not None and not isinstance(value, expect):
+                raise QmpConnectionError(
+                    f"{self.path} answered {command} with {type(value).__name__} where QMP returns "
+                    f"{expect.__name__}: {str(value)[:200]!r}. Is that socket a QEMU monitor?",
+                    socket=self.path,
+                )
+            return value
 
     def wait_event(self, matches: t.Callable[[dict[str, t.Any]], bool], timeout: float) -> dict[str, t.Any] | None:
         """The first kept or new event that matches, or None when none came within timeout."""
@@ -177,7 +273,9 @@ class QmpClient:
                     job_status=status,
                 )
             self.wait_event(
-                lambda event: event.get("event") == "JOB_STATUS_CHANGE" and event.get("data", {}).get("id") == job_id,
+                lambda event: (
+                    event.get("event") == "JOB_STATUS_CHANGE" and _as_dict(event.get("data")).get("id") == job_id
+                ),
                 min(remaining, _JOB_POLL_SECONDS),
             )
 
@@ -221,7 +319,7 @@ class QmpClient:
         if job.get("status") == "concluded":
             self.execute("job-dismiss", {"id": job_id})
         if job.get("error"):
-            raise QmpJobError(f"QMP job {job_id} ({command}) failed: {job['error']}", job_id=job_id)
+            raise QmpJobError(f"QMP job {job_id} ({command}) failed: {job.get('error')}", job_id=job_id)
         return job
 
     def poll_events(self) -> None:
@@ -242,8 +340,8 @@ class QmpClient:
         return taken
 
     def query_job(self, job_id: str) -> dict[str, t.Any] | None:
-        for job in self.execute("query-jobs") or []:
-            if job.get("id") == job_id:
+        for job in self.execute("query-jobs", expect=list):
+            if isinstance(job, dict) and job.get("id") == job_id:
                 return job
         return None
 
@@ -275,10 +373,30 @@ class QmpClient:
                 if sent != len(data):
                     self._sock.sendall(data[sent:])
         except OSError as exc:
+            self._raise_if_died(f"the reply to {command}")
             raise QmpConnectionError(
                 f"Lost the connection to {self.path} while sending {command}: {exc.strerror or exc}.",
                 socket=self.path,
             ) from None
+
+    def _raise_if_died(self, waiting_for: str) -> None:
+        """After EOF or a reset: if the QEMU behind the socket has exited, say that the VM died."""
+        pid = self._peer
+        if pid is None or pid == os.getpid():
+            return
+        deadline = time.monotonic() + _DEATH_GRACE_SECONDS
+        while not _process_gone(pid):
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.02)
+        raise QmpVmDiedError(
+            f"QEMU (pid {pid}) behind {self.path} exited while we waited for {waiting_for}: the VM died (killed "
+            "or crashed), and what this task asked of it did not finish. Its disks hold what QEMU last wrote: check "
+            "them offline (qemu-img check) before starting the VM again.",
+            socket=self.path,
+            qemu_pid=pid,
+            vm_died=True,
+        )
 
     def _fill(self, deadline: float, waiting_for: str, wait: bool = True) -> None:
         """Read one chunk into the buffer. wait=False: only what has already arrived."""
@@ -297,11 +415,13 @@ class QmpClient:
                     raise QmpTimeoutError(f"{self.path}: nothing more to read.", socket=self.path) from None
                 continue
             except OSError as exc:
+                self._raise_if_died(waiting_for)
                 raise QmpConnectionError(
                     f"Lost the connection to {self.path} while waiting for {waiting_for}: {exc.strerror or exc}.",
                     socket=self.path,
                 ) from None
             if not chunk:
+                self._raise_if_died(waiting_for)
                 raise QmpConnectionError(
                     f"QEMU closed the connection {self.path} while we waited for {waiting_for}.", socket=self.path
                 )
@@ -319,6 +439,15 @@ class QmpClient:
             parts, offset = [self._buffer], len(self._buffer)
             try:
                 while newline < 0:
+                    if offset > MAX_MESSAGE_BYTES:
+                        parts = []
+                        self.close()
+                        raise QmpConnectionError(
+                            f"{self.path} sent more than {MAX_MESSAGE_BYTES} bytes without ending the message "
+                            f"while we waited for {waiting_for}: refusing to buffer more (no QMP or guest agent "
+                            "message is that long). The connection was closed.",
+                            socket=self.path,
+                        )
                     self._buffer = b""
                     self._fill(deadline, waiting_for, wait)
                     parts.append(self._buffer)
@@ -327,13 +456,24 @@ class QmpClient:
             finally:
                 self._buffer = b"".join(parts)  # on a timeout, what arrived so far stays buffered
             newline += offset
+        if newline > MAX_MESSAGE_BYTES:
+            self.close()
+            raise QmpConnectionError(
+                f"{self.path} sent a message of more than {MAX_MESSAGE_BYTES} bytes while we waited for "
+                f"{waiting_for}: refusing it (no QMP or guest agent message is that long). The connection was closed.",
+                socket=self.path,
+            )
         line, self._buffer = self._buffer[:newline], self._buffer[newline + 1 :]
         try:
             message = json.loads(line.decode("utf-8"))
-        except ValueError:
-            raise QmpConnectionError(f"{self.path} sent something that is not QMP JSON: {line[:200]!r}") from None
+        except (ValueError, RecursionError):
+            raise QmpConnectionError(
+                f"{self.path} sent something that is not QMP JSON: {line[:200]!r}", socket=self.path
+            ) from None
         if not isinstance(message, dict):
-            raise QmpConnectionError(f"{self.path} sent something that is not a QMP message: {line[:200]!r}")
+            raise QmpConnectionError(
+                f"{self.path} sent something that is not a QMP message: {line[:200]!r}", socket=self.path
+            )
         return message
 
 
@@ -374,8 +514,28 @@ def still_paused(events: list[dict[str, t.Any]]) -> bool:
 
 
 def _event_time(event: dict[str, t.Any]) -> float:
-    stamp = event.get("timestamp") or {}
-    return float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
+    stamp = _as_dict(event.get("timestamp"))
+    try:
+        return float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
+    except (TypeError, ValueError, OverflowError):
+        return 0.0
+
+
+def _as_dict(value: t.Any) -> dict[str, t.Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _process_gone(pid: int) -> bool:
+    """Whether pid has ended; a zombie nobody has reaped yet (state Z or X) has."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat_line = handle.read()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    state = stat_line[stat_line.rfind(b")") + 2 : stat_line.rfind(b")") + 3]
+    return state in (b"Z", b"X")
 
 
 def pause_of_this_task(qmp: QmpClient, wait_for_resume: bool = True) -> tuple[float, bool]:
