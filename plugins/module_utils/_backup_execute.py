@@ -983,7 +983,12 @@ class Task:
         if self.req.socket is not None:
             from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient
 
-            with QmpClient(self.req.socket, self.req.connect_timeout, max(self.req.connect_timeout, 30.0)) as qmp:
+            with QmpClient(
+                self.req.socket,
+                self.req.connect_timeout,
+                max(self.req.connect_timeout, 30.0),
+                lock_timeout=self.req.lock_timeout,
+            ) as qmp:
                 self.qmp = qmp
                 self.targets = targets_from_vm(qmp, self.req.devices, self.req.dest_dir, self.req.set_name)
                 return self._locked_run()

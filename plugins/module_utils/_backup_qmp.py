@@ -626,7 +626,10 @@ def _connect_daemon(proc: subprocess.Popen[bytes], sock: str, log: str, timeout:
                 rc=proc.returncode,
             )
         if os.path.exists(sock):
-            qmp = QmpClient(sock, connect_timeout=max(deadline - time.monotonic(), 1.0), command_timeout=timeout)
+            # A private socket this task created: no other task can know it, so no turn to wait for.
+            qmp = QmpClient(
+                sock, connect_timeout=max(deadline - time.monotonic(), 1.0), command_timeout=timeout, lock_timeout=None
+            )
             try:
                 qmp.connect()
                 return qmp

@@ -20,6 +20,7 @@ extends_documentation_fragment:
   - vmsnap.qemu._attributes
   - vmsnap.qemu._attributes.INFO_MODULE
   - vmsnap.qemu._attributes.ACTIONGROUP_QMP
+  - vmsnap.qemu._vm_lock
 options:
   socket:
     description:
@@ -36,8 +37,9 @@ options:
     type: float
     default: 5
 notes:
-  - QMP sockets accept one client at a time in older QEMU configurations; a VM whose monitor is busy with another
-    client answers late or not at all, which shows up as a timeout.
+  - QEMU serves one QMP client at a time. This module waits its turn behind other vmsnap.qemu tasks on the same VM
+    (O(lock_timeout)); a VM whose monitor is held by another client (libvirt, C(socat)) does not greet, which
+    shows up as an error saying that another client probably holds the socket.
 requirements:
   - Python 3.9 or newer on the host; no QEMU tools are needed, only access to the sockets.
 seealso:
@@ -165,23 +167,25 @@ def main() -> t.NoReturn:
             socket=dict(type="path"),
             sockets_glob=dict(type="str"),
             connect_timeout=dict(type="float", default=5.0),
+            lock_timeout=dict(type="float", default=60.0),
         ),
         mutually_exclusive=[("socket", "sockets_glob")],
         required_one_of=[("socket", "sockets_glob")],
         supports_check_mode=True,
     )
     timeout = module.params["connect_timeout"]
+    lock_timeout = module.params["lock_timeout"]
     vms = []
     try:
         if module.params["socket"] is not None:
             path = validate_image_path(module.params["socket"], must_exist=False, what="Socket")
-            vms.append(_read(path, timeout))
+            vms.append(_read(path, timeout, lock_timeout))
         else:
             for path in sorted(
                 glob.glob(validate_image_path(module.params["sockets_glob"], must_exist=False, what="Socket glob"))
             ):
                 try:
-                    vms.append(_read(path, timeout))
+                    vms.append(_read(path, timeout, lock_timeout))
                 except VmsnapError as exc:
                     module.warn(f"Could not read the VM at {path}: {exc.msg}")
                     vms.append({"socket": path, "error": exc.msg})
@@ -190,8 +194,8 @@ def main() -> t.NoReturn:
     module.exit_json(changed=False, vms=vms)
 
 
-def _read(path: str, timeout: float) -> dict[str, t.Any]:
-    with QmpClient(path, connect_timeout=timeout, command_timeout=timeout) as qmp:
+def _read(path: str, timeout: float, lock_timeout: float) -> dict[str, t.Any]:
+    with QmpClient(path, connect_timeout=timeout, command_timeout=timeout, lock_timeout=lock_timeout) as qmp:
         return dict(socket=path, **describe_vm(qmp))
 
 

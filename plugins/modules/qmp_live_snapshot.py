@@ -33,6 +33,7 @@ author:
 extends_documentation_fragment:
   - vmsnap.qemu._attributes
   - vmsnap.qemu._attributes.ACTIONGROUP_QMP
+  - vmsnap.qemu._vm_lock
 attributes:
   check_mode:
     support: full
@@ -437,6 +438,7 @@ ARGUMENT_SPEC: dict[str, t.Any] = dict(
     after=dict(type="str", default="unchanged", choices=["unchanged", "running"]),
     timeout=dict(type="float", default=300.0),
     connect_timeout=dict(type="float", default=5.0),
+    lock_timeout=dict(type="float", default=60.0),
 )
 
 
@@ -446,11 +448,11 @@ def main() -> t.NoReturn:
     result: dict[str, t.Any] = dict(changed=False, vm_status=None)
     try:
         request = _request(params)
-        with QmpClient(params["socket"], params["connect_timeout"], request.timeout) as qmp:
+        with QmpClient(params["socket"], params["connect_timeout"], request.timeout, params["lock_timeout"]) as qmp:
             vm = describe_vm(qmp)
             result["vm_status"] = vm["status"]
             plan = plan_live(request, vm, qmp.version, qmp.execute("query-named-block-nodes"))
-            agent = _prepare_quiesce(module, plan, params["connect_timeout"])
+            agent = _prepare_quiesce(module, plan, params["connect_timeout"], params["lock_timeout"])
             for warning in plan.warnings:
                 module.warn(warning)
             dropped = [(f"disk {device.label}", device.drop_bitmaps) for device in plan.devices if device.drop_bitmaps]
@@ -541,11 +543,15 @@ def _request(params: dict[str, t.Any]) -> LiveRequest:
     )
 
 
-def _prepare_quiesce(module: AnsibleModule, plan: LivePlan, connect_timeout: float) -> GuestAgentClient | None:
+def _prepare_quiesce(
+    module: AnsibleModule, plan: LivePlan, connect_timeout: float, lock_timeout: float
+) -> GuestAgentClient | None:
     """Connect to the guest agent and check that it can freeze, before anything is snapshotted."""
     if not plan.quiesce:
         return None
-    agent = GuestAgentClient(t.cast(str, plan.request.guest_agent_socket), connect_timeout, plan.request.timeout)
+    agent = GuestAgentClient(
+        t.cast(str, plan.request.guest_agent_socket), connect_timeout, plan.request.timeout, lock_timeout
+    )
     try:
         agent.connect()
         GuestFreezer(agent, plan.request.timeout).probe()

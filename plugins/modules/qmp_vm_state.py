@@ -33,6 +33,7 @@ author:
 extends_documentation_fragment:
   - vmsnap.qemu._attributes
   - vmsnap.qemu._attributes.ACTIONGROUP_QMP
+  - vmsnap.qemu._vm_lock
 attributes:
   check_mode:
     support: full
@@ -274,6 +275,7 @@ ARGUMENT_SPEC: dict[str, t.Any] = dict(
     force=dict(type="bool", default=False),
     timeout=dict(type="float", default=300.0),
     connect_timeout=dict(type="float", default=5.0),
+    lock_timeout=dict(type="float", default=60.0),
 )
 
 
@@ -347,7 +349,7 @@ def _saved(module: AnsibleModule, result: dict[str, t.Any]) -> None:
         result.update(size=os.path.getsize(path), sidecar=sidecar.as_dict(), downtime_ms=0.0)
         return
     before = _file_view(path, sidecar)
-    with QmpClient(params["socket"], params["connect_timeout"], params["timeout"]) as qmp:
+    with QmpClient(params["socket"], params["connect_timeout"], params["timeout"], params["lock_timeout"]) as qmp:
         vm = describe_vm(qmp)
         result["vm_status"] = vm["status"]
         facts = read_vm_facts(qmp, vm)
@@ -393,7 +395,7 @@ def _restored(module: AnsibleModule, result: dict[str, t.Any]) -> None:
     if not os.path.isfile(path):
         raise StateFileError(f"The state file {path} does not exist.", path=path)
     sidecar = read_sidecar(path)
-    with QmpClient(params["socket"], params["connect_timeout"], params["timeout"]) as qmp:
+    with QmpClient(params["socket"], params["connect_timeout"], params["timeout"], params["lock_timeout"]) as qmp:
         vm = describe_vm(qmp)
         result["vm_status"] = vm["status"]
         facts = read_vm_facts(qmp, vm)
