@@ -1,0 +1,206 @@
+# Copyright (c) 2026, vmsnap.qemu contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+"""SIGKILL trials of module processes (tests/vm/test_kill_trials.py): each module runs as its own process, exactly as
+ansible runs it on a host (`python <module>.py <args file>`, AnsibleModule reads {"ANSIBLE_MODULE_ARGS": ...}), so
+the kill hits the module and nothing else. Children (qemu-img) are left to their own fate and waited for; the
+module's process group tells which they are.
+
+Trials are seeded: VMSNAP_KILL_SEED (default 11), VMSNAP_SOAK_TRIALS (trials per group, default per group), and
+VMSNAP_KILL_ONLY=group:index replays one trial (its kill moment is a seeded fraction of the measured duration)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import typing as t
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SEED = int(os.environ.get("VMSNAP_KILL_SEED", "11"))
+REPORT = os.environ.get("VMSNAP_KILL_REPORT")  # a JSON-lines file: one line per trial
+
+
+def collection_root() -> Path:
+    """The collection copy the other vm tests use ($ANSIBLE_COLLECTIONS_PATH, else build/src)."""
+    first = os.environ.get("ANSIBLE_COLLECTIONS_PATH", str(REPO / "build" / "src")).split(os.pathsep)[0]
+    return Path(first)
+
+
+def module_file(module: str) -> Path:
+    path = collection_root() / "ansible_collections" / "vmsnap" / "qemu" / "plugins" / "modules" / f"{module}.py"
+    assert path.is_file(), f"no collection copy at {path} (run the sync/copy first)"
+    return path
+
+
+def trial_count(default: int) -> int:
+    soak = os.environ.get("VMSNAP_SOAK_TRIALS")
+    return int(soak) if soak else default
+
+
+def trial_indexes(group: str, default: int) -> list[int]:
+    only = os.environ.get("VMSNAP_KILL_ONLY")
+    if only:
+        name, dummy, index = only.partition(":")
+        return [int(index)] if name == group else []
+    return list(range(trial_count(default)))
+
+
+def fraction(group: str, index: int) -> float:
+    """The trial's kill moment as a fraction of the task's measured duration: seeded per (seed, group, index)."""
+    return random.Random(f"{SEED}:{group}:{index}").random()
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry))
+    return members
+
+
+@dataclass
+class ModuleRun:
+    rc: int | None
+    result: dict[str, t.Any] | None
+    killed: bool
+    elapsed: float
+    orphans: list[str] = field(default_factory=list)  # children that outlived the killed module (their argv[0])
+    stderr: str = ""
+
+
+def run_module(module: str, args: dict[str, t.Any], kill_after: float | None = None, timeout: float = 120) -> ModuleRun:
+    """Run the module as its own process group; SIGKILL the module process only after kill_after seconds.
+
+    After a kill, wait for the children it left (they keep the group id) to end on their own."""
+    env = dict(os.environ, LANG="C", LC_ALL="C", PYTHONPATH=str(collection_root()))
+    with tempfile.NamedTemporaryFile("w", prefix="kills-args-", suffix=".json", delete=False) as handle:
+        json.dump({"ANSIBLE_MODULE_ARGS": {"_ansible_tmpdir": tempfile.gettempdir(), **args}}, handle)
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, str(module_file(module)), handle.name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
+    killed = False
+    try:
+        if kill_after is not None:
+            try:
+                proc.wait(timeout=kill_after)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed = True
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        os.unlink(handle.name)
+    elapsed = time.monotonic() - started
+    orphans: list[str] = []
+    if killed:
+        deadline = time.monotonic() + 60
+        members = _group_members(proc.pid)
+        for pid in members:
+            try:
+                orphans.append(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode())
+            except OSError:
+                pass
+        while members and time.monotonic() < deadline:
+            time.sleep(0.02)
+            members = _group_members(proc.pid)
+        assert not members, f"children of the killed module still running after 60 s: {members}"
+    result = None
+    if not killed:
+        text = out.decode(errors="replace")
+        start = text.find("{")
+        assert start >= 0, f"{module}: no result (rc {proc.returncode}): {text}\n{err.decode(errors='replace')}"
+        result = json.loads(text[start:])
+    return ModuleRun(proc.returncode, result, killed, elapsed, orphans, err.decode(errors="replace"))
+
+
+def ok(module: str, args: dict[str, t.Any]) -> dict[str, t.Any]:
+    run = run_module(module, args)
+    assert run.result is not None and not run.result.get("failed"), f"{module} {args} failed: {run.result}"
+    return run.result
+
+
+def converge(module: str, args: dict[str, t.Any]) -> dict[str, t.Any]:
+    """The next run after a kill reaches the requested state; a repeat is unchanged."""
+    first = ok(module, args)
+    again = ok(module, args)
+    assert again["changed"] is False, f"{module} {args}: the repeat changed something: {again}"
+    return first
+
+
+def qemu_img_check(path: Path | str, shared: bool = False) -> None:
+    argv = ["qemu-img", "check", *(["-U"] if shared else []), str(path)]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, f"qemu-img check {path}: rc {proc.returncode}\n{proc.stdout}{proc.stderr}"
+
+
+def qemu_io_reads(path: Path | str, pattern: int, offset: str = "0", length: str = "1M") -> bool:
+    proc = subprocess.run(
+        ["qemu-io", "-U", "-r", "-c", f"read -P {pattern:#x} {offset} {length}", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return proc.returncode == 0 and "verification failed" not in proc.stdout.lower()
+
+
+def qemu_io_write(path: Path | str, pattern: int, offset: str = "0", length: str = "1M") -> None:
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", f"write -P {pattern:#x} {offset} {length}", str(path)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+@dataclass
+class Outcome:
+    group: str
+    index: int
+    fraction: float
+    delay: float
+    killed: bool
+    after_kill: str  # before any change | done | mid-way
+    next_run: str  # changed | unchanged
+    orphans: list[str]
+    notes: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        return (
+            f"kill-trial {self.group}:{self.index} seed={SEED} fraction={self.fraction:.4f} delay={self.delay:.3f}s "
+            f"killed={self.killed} after_kill={self.after_kill!r} next_run={self.next_run} "
+            f"orphans={self.orphans} {' '.join(self.notes)}"
+        )
+
+
+def record(outcome: Outcome) -> None:
+    print(outcome.line(), flush=True)
+    if REPORT:
+        with open(REPORT, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(outcome.__dict__ | {"seed": SEED}) + "\n")
+
+
+def classify(before: t.Any, after: t.Any, target: t.Any) -> str:
+    if after == before:
+        return "before any change"
+    if after == target:
+        return "done"
+    return "mid-way"
