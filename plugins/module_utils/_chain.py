@@ -12,12 +12,20 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import struct
 import time
 import typing as t
 from dataclasses import dataclass, field
 
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import ValidationError, VmsnapError
-from ansible_collections.vmsnap.qemu.plugins.module_utils._files import fsync_file, fsync_folder
+from ansible_collections.vmsnap.qemu.plugins.module_utils._files import (
+    fsync_file,
+    fsync_folder,
+    link_new,
+    private_folder,
+    remove_private_folder,
+    set_mode,
+)
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qcow2_native import QCOW2_MAGIC, read_qcow2_layer
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qemu_img import refuse_if_in_use
 
@@ -27,6 +35,8 @@ if t.TYPE_CHECKING:
 
 _SIZE = re.compile(r"^[0-9]+[KMGTP]?$")
 TEMP_SUFFIX = ".vmsnap-flatten.tmp"
+CREATE_SUFFIX = ".vmsnap-create.tmp"
+_BACKING_NAME_MAX = 1023  # QEMU's limit
 
 
 def real(path: str) -> str:
@@ -34,7 +44,7 @@ def real(path: str) -> str:
 
 
 def flatten_temp_path(path: str) -> str:
-    """A fixed name beside path, so a run that was killed leaves at most one stale file, reused next time."""
+    """A fixed name beside path, so a run that was killed leaves at most one stale folder, removed next time."""
     return os.path.join(os.path.dirname(path), "." + os.path.basename(path) + TEMP_SUFFIX)
 
 
@@ -44,10 +54,22 @@ def validate_size(size: str | None) -> str | None:
     return size
 
 
+@dataclass
+class Dependants:
+    found: list[str] = field(default_factory=list)  # images whose backing file is the target
+    unreadable: list[str] = field(default_factory=list)  # images whose backing file could not be read: maybe
+
+
 def find_dependants(qemu_img: QemuImg, target: str, search_dirs: list[str]) -> list[str]:
     """Images in search_dirs (not recursive) whose backing file is target."""
+    return scan_dependants(qemu_img, target, search_dirs).found
+
+
+def scan_dependants(qemu_img: QemuImg, target: str, search_dirs: list[str]) -> Dependants:
+    """Images in search_dirs (not recursive) whose backing file is target, and those whose backing file could not be
+    read (they may be dependants: a caller that deletes or rewrites target refuses them unless forced)."""
     wanted = real(target)
-    found = []
+    result = Dependants()
     for folder in search_dirs:
         try:
             entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
@@ -56,22 +78,30 @@ def find_dependants(qemu_img: QemuImg, target: str, search_dirs: list[str]) -> l
         for entry in entries:
             if entry.name.endswith(TEMP_SUFFIX) or not entry.is_file() or real(entry.path) == wanted:
                 continue
-            backing = _backing_of(qemu_img, entry.path)
-            if backing is not None and real(backing) == wanted:
-                found.append(entry.path)
-    return found
+            try:
+                backing = _backing_of(qemu_img, entry.path)
+                if backing is not None and real(backing) == wanted:
+                    result.found.append(entry.path)
+            except (VmsnapError, OSError, ValueError):
+                # ValueError: a backing name with a NUL byte ("embedded null byte"); QEMU cannot use it either
+                result.unreadable.append(entry.path)
+    return result
 
 
 def _backing_of(qemu_img: QemuImg, path: str) -> str | None:
     layer = read_qcow2_layer(path)
     if layer is not None:
         return layer.full_backing_file
-    try:
-        with open(path, "rb") as handle:
-            if handle.read(4) != QCOW2_MAGIC:
-                return None  # raw and other formats have no backing file
-    except OSError:
-        return None
+    with open(path, "rb") as handle:
+        head = handle.read(20)
+        if head[:4] != QCOW2_MAGIC:
+            return None  # raw and other formats have no backing file
+        offset, length = struct.unpack(">QI", head[8:20]) if len(head) == 20 else (0, 0)
+        if offset and 0 < length <= _BACKING_NAME_MAX:
+            handle.seek(offset)
+            if b"\0" in handle.read(length):
+                # qemu-img shows the name cut at the NUL: a hostile or damaged image, not a known non-dependant
+                raise ValueError("a NUL byte in the backing file name")
     return qemu_img.info(path, backing_chain=False).top.full_backing_file
 
 
@@ -86,6 +116,8 @@ class ChainPlan:
     size: str | None = None
     chain_after: list[str] = field(default_factory=list)
     dependants: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)  # images the dependants scan could not read (force: ignored)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
@@ -111,6 +143,11 @@ class ChainRequest:
 def plan_chain(qemu_img: QemuImg, request: ChainRequest) -> ChainPlan:
     path = request.path
     exists = os.path.lexists(path)
+    if exists and not os.path.exists(path):
+        raise ValidationError(
+            f"{path} exists as a symlink to a missing file; refusing to overwrite or follow it; nothing was changed.",
+            image_path=path,
+        )
     info = qemu_img.info(path, backing_chain=True) if exists else None
     if info is not None and info.top.format != "qcow2":
         raise ValidationError(f"{path} is in {info.top.format} format; overlays are qcow2 images.", image_path=path)
@@ -153,13 +190,21 @@ def _plan_absent(qemu_img: QemuImg, request: ChainRequest, plan: ChainPlan) -> N
         return
     _require_overlay(plan, request.backing)
     refuse_if_in_use(plan.info, plan.path)
-    plan.dependants = find_dependants(qemu_img, plan.path, request.search_dirs)
+    scan = scan_dependants(qemu_img, plan.path, request.search_dirs)
+    plan.dependants, plan.unreadable = scan.found, scan.unreadable
     if plan.dependants:
         raise ValidationError(
             f"Refusing to delete {plan.path}: other images use it as their backing file "
-            f"({', '.join(plan.dependants)}). Commit, flatten or delete them first.",
+            f"({', '.join(plan.dependants)}). Commit, flatten or delete them first. Nothing was changed.",
             dependants=plan.dependants,
         )
+    if scan.unreadable and not request.force:
+        raise ValidationError(
+            f"Refusing to delete {plan.path}: the backing files of {', '.join(scan.unreadable)} could not be read, so "
+            "they may use it. Nothing was changed. Fix or move them, or use force: true if they do not.",
+            unreadable=scan.unreadable,
+        )
+    _warn_unreadable(plan, scan)
     plan.action, plan.chain_after = "delete", []
 
 
@@ -169,6 +214,10 @@ def _plan_committed(qemu_img: QemuImg, request: ChainRequest, plan: ChainPlan) -
             raise ValidationError(
                 f"{plan.path} does not exist, and no existing backing was given to confirm that it was committed."
             )
+        plan.warnings.append(
+            f"{plan.path} does not exist; taking it as already committed into {request.backing}. "
+            "If the path has a typo, nothing was committed."
+        )
         plan.chain_after = _names(qemu_img.info(request.backing, backing_chain=True))
         return
     backing = _require_overlay(plan, request.backing)
@@ -180,14 +229,23 @@ def _plan_committed(qemu_img: QemuImg, request: ChainRequest, plan: ChainPlan) -
             f"{plan.path} holds internal snapshots ({', '.join(s.name for s in plan.info.top.snapshots)}) that "
             "would be lost when it is removed after the commit; delete them first or use keep: true."
         )
-    others = [dep for dep in find_dependants(qemu_img, backing, request.search_dirs) if real(dep) != real(plan.path)]
-    plan.dependants = others
+    scan = scan_dependants(qemu_img, backing, request.search_dirs)
+    others = [dep for dep in scan.found if real(dep) != real(plan.path)]
+    plan.dependants, plan.unreadable = others, scan.unreadable
     if others and not request.force:
         raise ValidationError(
             f"Refusing to commit {plan.path} into {backing}: other images use {backing} as their backing file "
             f"({', '.join(others)}) and would silently see the committed data. Use force: true if that is intended.",
             dependants=others,
         )
+    if scan.unreadable and not request.force:
+        raise ValidationError(
+            f"Refusing to commit {plan.path} into {backing}: the backing files of {', '.join(scan.unreadable)} could "
+            "not be read, so they may use it and would see the committed data. Nothing was changed. Fix or move "
+            "them, or use force: true if they do not.",
+            unreadable=scan.unreadable,
+        )
+    _warn_unreadable(plan, scan)
     if request.keep and qemu_img.allocated_bytes(plan.path) == 0:
         return  # already committed and emptied
     plan.action, plan.backing = "commit", backing
@@ -217,6 +275,13 @@ def _plan_rebased(qemu_img: QemuImg, request: ChainRequest, plan: ChainPlan) -> 
     backing_info = _read_backing(qemu_img, plan.path, backing, request.max_depth)
     plan.action, plan.backing, plan.backing_format = "rebase", backing, backing_info.top.format
     plan.chain_after = [plan.path] + _names(backing_info)
+
+
+def _warn_unreadable(plan: ChainPlan, scan: Dependants) -> None:
+    if scan.unreadable:
+        plan.warnings.append(
+            f"force: true: going on although the backing files of {', '.join(scan.unreadable)} could not be read."
+        )
 
 
 def _require_backing(request: ChainRequest) -> str:
@@ -277,14 +342,24 @@ def execute_chain(
     started = time.monotonic()
     outcome = Outcome()
     if plan.action == "create":
-        qemu_img.create_overlay(plan.path, t.cast(str, plan.backing), t.cast(str, plan.backing_format), plan.size)
+        create_overlay(qemu_img, plan)
     elif plan.action == "delete":
-        os.unlink(plan.path)
+        try:
+            os.unlink(plan.path)
+        except OSError as exc:
+            raise VmsnapError(f"Cannot delete {plan.path}: {exc.strerror or exc}; nothing was changed.") from None
     elif plan.action == "commit":
         outcome.bytes_moved = qemu_img.allocated_bytes(plan.path)
         qemu_img.commit(plan.path, drop_top=not keep)
         if not keep:
-            os.unlink(plan.path)
+            try:
+                os.unlink(plan.path)
+            except OSError as exc:
+                raise VmsnapError(
+                    f"{plan.path} was committed into {plan.backing}, but deleting it failed: {exc.strerror or exc}. "
+                    "Its data is in the backing file now; delete it by hand.",
+                    changed=True,
+                ) from None
     elif plan.action == "flatten":
         outcome.bytes_moved = flatten(qemu_img, plan, compress=compress, verify=verify)
     elif plan.action == "rebase":
@@ -293,36 +368,58 @@ def execute_chain(
     return outcome
 
 
+def create_overlay(qemu_img: QemuImg, plan: ChainPlan) -> None:
+    """qemu-img creates the overlay in a private 0700 folder beside path (nobody can plant a symlink there), the
+    file gets the backing file's owner (as root) and permission bits set explicitly (no umask), and link(2) gives
+    it its name: a file or symlink planted at path since the plan makes it fail, and is never followed."""
+    folder = private_folder(plan.path, CREATE_SUFFIX)
+    try:
+        temp = os.path.join(folder, os.path.basename(plan.path))
+        # backing is absolute (validated), so qemu-img resolves it the same from the private folder
+        qemu_img.create_overlay(temp, t.cast(str, plan.backing), t.cast(str, plan.backing_format), plan.size)
+        backing = os.stat(t.cast(str, plan.backing))
+        set_mode(temp, backing.st_mode & 0o777, (backing.st_uid, backing.st_gid))
+        fsync_file(temp)
+        link_new(temp, plan.path)
+    finally:
+        with contextlib.suppress(OSError, VmsnapError):
+            remove_private_folder(folder)
+
+
 def flatten(qemu_img: QemuImg, plan: ChainPlan, compress: bool, verify: bool) -> int:
-    """Write the whole chain into a temp file beside path, check it, then rename it over path atomically.
+    """Write the whole chain into a private folder beside path, check it, then rename it over path atomically.
 
     Until the rename, path and its chain are untouched; after it, path is the complete new image.
     """
     target = real(plan.path)  # replace the image itself, not a symlink pointing to it
-    temp = flatten_temp_path(target)
     info = t.cast("ImageInfo", plan.info)
-    _remove_if_present(temp)
+    folder = private_folder(target, TEMP_SUFFIX)
     try:
+        temp = os.path.join(folder, os.path.basename(target))
         qemu_img.convert_standalone(plan.path, temp, compress=compress, bitmaps=bool(info.top.bitmaps))
         if verify and not qemu_img.compare(plan.path, temp):
             raise VmsnapError(
                 f"The flattened copy of {plan.path} does not read the same as the chain; "
                 f"{plan.path} was left as it was."
             )
-        original = os.stat(target)
-        os.chmod(temp, original.st_mode & 0o7777)
-        if os.geteuid() == 0:
-            os.chown(temp, original.st_uid, original.st_gid)
-        fsync_file(temp)
-        size = os.stat(temp).st_blocks * 512
-        os.replace(temp, target)
-        fsync_folder(os.path.dirname(target))
+        try:
+            original = os.stat(target)
+            set_mode(temp, original.st_mode & 0o7777, (original.st_uid, original.st_gid))
+            fsync_file(temp)
+            size = os.stat(temp).st_blocks * 512
+            os.replace(temp, target)
+        except OSError as exc:
+            raise VmsnapError(
+                f"Cannot put the flattened copy of {plan.path} in place: {exc.strerror or exc}; "
+                f"{plan.path} was left as it was."
+            ) from None
+        try:
+            fsync_folder(os.path.dirname(target))
+        except OSError as exc:
+            raise VmsnapError(
+                f"{plan.path} was flattened, but syncing its folder failed: {exc.strerror or exc}.", changed=True
+            ) from None
         return size
-    except BaseException:
-        _remove_if_present(temp)
-        raise
-
-
-def _remove_if_present(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+    finally:
+        with contextlib.suppress(OSError, VmsnapError):
+            remove_private_folder(folder)  # else the next run removes it

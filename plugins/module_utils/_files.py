@@ -43,6 +43,19 @@ def create_exclusive(path: str, mode: int = 0o600, flags: int = os.O_WRONLY) -> 
     return fd
 
 
+@contextlib.contextmanager
+def claimed(path: str, mode: int = 0o600) -> t.Iterator[str]:
+    """Create path with create_exclusive() and yield a name through which a child process (qemu-img create or
+    convert, which open their target by name and follow symlinks) writes exactly the file this task created:
+    /proc/<pid>/fd/<fd>, bound to the open file, whatever is renamed or planted at path meanwhile. A relative backing
+    name given to qemu-img create with it must come with -u and a size: qemu-img would resolve it against /proc."""
+    fd = create_exclusive(path, mode)
+    try:
+        yield f"/proc/{os.getpid()}/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
 def private_folder(beside: str, suffix: str) -> str:
     """A new folder `.NAME<suffix>` (mode 0700) beside the file beside, for a file that a tool such as qemu-img
     creates by name: nobody else can plant a file or symlink inside it. A leftover of a killed run at that name (a

@@ -44,11 +44,15 @@ options:
     type: path
   state:
     description:
-      - V(present) creates O(path) as an overlay on O(backing), unless it already is one.
+      - V(present) creates O(path) as an overlay on O(backing), unless it already is one. The new file gets
+        O(backing)'s permission bits (and, when the task runs as root, its owner and group), set explicitly so
+        the umask does not cut them. It is created exclusively; a file or symlink that appears at O(path) makes
+        the task fail without following it.
       - V(absent) deletes the overlay O(path). It refuses standalone images and overlays that other images in
         O(search_dirs) use as their backing file.
       - V(committed) writes O(path)'s data into its backing file (C(qemu-img commit)) and then removes O(path),
-        unless O(keep=true). When O(path) is already gone and O(backing) exists, nothing is done.
+        unless O(keep=true). When O(path) is already gone and O(backing) exists, nothing is done, with a warning
+        naming both paths (a typo in O(path) would look the same).
       - V(flattened) makes O(path) a standalone image with the same guest-visible content and no backing file.
       - V(rebased) points O(path) at the new O(backing) while keeping its guest-visible content (safe rebase),
         or only rewrites the header with O(unsafe=true).
@@ -82,6 +86,9 @@ options:
     description:
       - With O(state=committed), commit even when other images in O(search_dirs) use the same backing file.
         They will see the committed data from then on.
+      - With O(state=absent) and O(state=committed), go on (with a warning) when images in O(search_dirs) could
+        not be read to find their backing file; without it they count as possible dependants and the task is
+        refused. With O(state=absent), images known to use O(path) are always refused.
     type: bool
     default: false
   compress:
@@ -103,9 +110,10 @@ options:
     default: true
 notes:
   - O(state=flattened) is crash-safe. It writes the complete image into a temporary file beside O(path)
-    (C(.NAME.vmsnap-flatten.tmp)), verifies it, syncs it and renames it over O(path) in one step. If the task is
-    interrupted at any moment, O(path) is either the old overlay with its chain or the complete new image;
-    a leftover temporary file is removed by the next run.
+    (in a private folder C(.NAME.vmsnap-flatten.tmp), mode 0700), verifies it, syncs it and renames it over
+    O(path) in one step. If the task is interrupted at any moment, O(path) is either the old overlay with its
+    chain or the complete new image; a leftover temporary folder is removed by the next run. The new image keeps
+    O(path)'s mode (and, as root, owner).
   - O(state=committed) writes into the backing file in place, as C(qemu-img commit) does. If it is interrupted,
     O(path) is untouched and the chain O(path) over its backing file still reads exactly the new data, because
     O(path)'s clusters hide the ones already copied. The backing file alone may then hold part of O(path)'s
@@ -175,6 +183,13 @@ dependants:
   type: list
   elements: str
   sample: []
+unreadable:
+  description:
+    - Images in O(search_dirs) whose backing file could not be read (see O(force)).
+  returned: for O(state=absent) and O(state=committed)
+  type: list
+  elements: str
+  sample: []
 bytes_moved:
   description:
     - For O(state=committed), the bytes of guest data O(path) held (data and zeroes) and wrote into the backing file.
@@ -196,6 +211,7 @@ import typing as t
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.vmsnap.qemu.plugins.module_utils._chain import (
+    ChainPlan,
     ChainRequest,
     Outcome,
     execute_chain,
@@ -265,15 +281,17 @@ def main() -> t.NoReturn:
                         verify=params["verify"],
                     )
                     if plan.state != "absent":
-                        plan.chain_after = _read_chain(qemu_img, path, backing or plan.backing)
+                        plan.chain_after = _read_chain_after(qemu_img, plan, backing or plan.backing)
     except VmsnapError as exc:
         exc.do_fail(module, changed=False)
+    for warning in plan.warnings:
+        module.warn(warning)
 
     result: dict[str, t.Any] = dict(
         changed=plan.changed, chain=plan.chain_after, chain_depth=max(len(plan.chain_after) - 1, 0)
     )
     if params["state"] in ("absent", "committed"):
-        result["dependants"] = plan.dependants
+        result.update(dependants=plan.dependants, unreadable=plan.unreadable)
     if params["state"] in ("committed", "flattened"):
         result.update(bytes_moved=outcome.bytes_moved, seconds=outcome.seconds)
     if module._diff:
@@ -281,11 +299,18 @@ def main() -> t.NoReturn:
     module.exit_json(**result)
 
 
-def _read_chain(qemu_img: QemuImg, path: str, backing: str | None) -> list[str]:
-    top = path if os.path.exists(path) else backing
-    if top is None or not os.path.exists(top):
-        return []
-    return qemu_img.info(top, backing_chain=True).filenames()
+def _read_chain_after(qemu_img: QemuImg, plan: ChainPlan, backing: str | None) -> list[str]:
+    """The chain as it is now; the change is done, so a failure here still reports changed."""
+    try:
+        top = plan.path if os.path.exists(plan.path) else backing
+        if top is None or not os.path.exists(top):
+            return []
+        return qemu_img.info(top, backing_chain=True).filenames()
+    except VmsnapError as exc:
+        raise VmsnapError(
+            f"The {plan.action} of {plan.path} is done, but reading the chain afterwards failed: {exc.msg}",
+            changed=True,
+        ) from None
 
 
 if __name__ == "__main__":
