@@ -15,9 +15,14 @@ options:
     description:
       - Seconds to wait for another vmsnap.qemu task that is changing the same image on this host.
       - Tasks that change an image take an exclusive per-image lock (a C(flock) on a small file under
-        C(/run/lock/vmsnap.qemu/), named after the image's real path) for the whole read, plan and act
+        the lock folder, named after the image's real path) for the whole read, plan and act
         sequence, so two tasks never interleave their writes. When the lock stays held for longer than
         this, the task fails and changes nothing.
+      - The lock folder is C(/run/lock/vmsnap.qemu) for root; for other users, and on hosts without a writable
+        C(/run/lock), it is C(vmsnap.qemu-<uid>) under C(/run/lock) or the temporary folder (C($TMPDIR), else
+        C(/tmp)). It must belong to the task's user and is kept at mode 0700; a folder that is a link or belongs
+        to someone else, and a lock file that is a link, are refused. Tasks of different users do not see each
+        other's locks. A task that gives up names the holder (its pid, module and start time).
       - The lock is local to the host. Check mode only reads and takes no lock.
     type: float
     default: 60
