@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import time
 import typing as t
 from dataclasses import dataclass, field
@@ -27,7 +28,12 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._live import (
     LiveSnapshotError,
     overlay_node_name,
 )
-from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient, QmpError, pause_of_this_task
+from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import (
+    QmpClient,
+    QmpConnectionError,
+    QmpError,
+    pause_of_this_task,
+)
 from ansible_collections.vmsnap.qemu.plugins.module_utils._revert_bitmaps import (
     BlockingBitmap,
     backup_sets,
@@ -191,7 +197,51 @@ def _overlay_transaction(qmp: QmpClient, devices: list[DevicePlan], claimed: lis
         if problems:
             msg += f" These could not be removed; delete them by hand: {', '.join(problems)}."
         raise LiveSnapshotError(msg, removed_overlays=removed, leftover_overlays=problems) from None
-    # Any other failure (no answer in time, a lost connection) leaves the files alone: QEMU may be using them.
+    except QmpConnectionError as exc:
+        if exc.details.get("vm_died"):
+            _tidy_after_death(exc, claimed)
+        raise
+    # Any other failure (no answer in time, a live QEMU gone quiet) leaves the files alone: QEMU may be using them.
+
+
+def _tidy_after_death(exc: VmsnapError, claimed: list[str]) -> None:
+    """QEMU died during the overlay transaction: remove the overlays it had not finished creating, name the rest."""
+    unfinished = [path for path in claimed if _unfinished_overlay(path)]
+    removed, problems = _remove_files(unfinished)
+    kept = [path for path in claimed if path not in unfinished]
+    if removed:
+        exc.msg += (
+            f" The overlay transaction was under way: QEMU had not finished creating {', '.join(removed)}, so no "
+            "disk had switched to them; they were removed."
+        )
+    if problems:
+        exc.msg += f" These unfinished overlay files could not be removed; delete them by hand: {', '.join(problems)}."
+    if kept:
+        exc.msg += (
+            f" QEMU may have switched disks to the overlay files {', '.join(kept)} and written to them: before the VM "
+            "starts again on its disks, merge each into its disk offline with vmsnap.qemu.qcow2_chain "
+            "state=committed."
+        )
+    exc.details.update(removed_overlays=removed, leftover_overlays=kept + problems)
+
+
+def _unfinished_overlay(path: str) -> bool:
+    """Whether QEMU had not finished creating this claimed overlay: empty, no qcow2 header, or no backing file yet.
+
+    QEMU writes an overlay's backing file name last, before it opens the file for the disk, so no disk ever
+    switched to (or wrote to) a file without one.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            head = os.read(fd, 16)
+        finally:
+            os.close(fd)
+    except OSError:
+        return False  # cannot tell: keep it
+    if len(head) < 16 or head[:4] != b"QFI\xfb":
+        return True
+    return struct.unpack(">Q", head[8:16])[0] == 0
 
 
 def _create_with_ram(qmp: QmpClient, plan: LivePlan, outcome: LiveOutcome) -> None:
@@ -232,10 +282,22 @@ def _create_with_ram(qmp: QmpClient, plan: LivePlan, outcome: LiveOutcome) -> No
             removed, problems = _remove_files(claimed)
             exc.details.update(removed_overlays=removed, leftover_overlays=problems)
             raise
+        if not taken and exc.details.get("vm_died"):
+            raise  # the transaction's clean-up after QEMU's death said what became of each overlay file
         if not taken:  # no answer to the transaction: the overlays may be in use, so they stay
             exc.msg += f" The overlay transaction got no answer; the overlay files {', '.join(claimed)} were kept."
             exc.details.update(changed=True, leftover_overlays=claimed)
             raise
+        if exc.details.get("vm_died"):
+            raise LiveSnapshotError(
+                f"The overlays of checkpoint {request.name!r} were taken, but saving its RAM state failed: {exc.msg} "
+                f"The overlay files {', '.join(claimed)} may hold guest writes: before the VM "
+                "starts again on its disks, merge each into its disk offline with vmsnap.qemu.qcow2_chain "
+                "state=committed.",
+                snapshot_taken=True,
+                overlays_taken=taken,
+                vm_died=True,
+            ) from None
         raise LiveSnapshotError(
             f"The overlays of checkpoint {request.name!r} were taken, but saving its RAM state failed: {exc.msg} "
             "The disks now have a disk-only checkpoint; remove it with state=absent (which merges the overlays "
@@ -363,6 +425,14 @@ def _remove(qmp: QmpClient, plan: LivePlan, outcome: LiveOutcome) -> None:
                 deleted_overlays=outcome.deleted_overlays,
             ) from None
         except VmsnapError as exc:
+            if exc.details.get("vm_died"):
+                base = device.disk["chain"][t.cast(int, device.overlay_index) + 1]["filename"]
+                exc.msg += (
+                    f" The merge of {overlay} into {base} was under way: {overlay} still holds all its data over "
+                    f"{base}, which may now hold part of it. Finish the merge offline with vmsnap.qemu.qcow2_chain "
+                    f"path={overlay} state=committed (or start the VM on {overlay} and run this task again); do not "
+                    f"start the VM on {base} alone before that."
+                )
             exc.details.setdefault("merged_on", merged)
             exc.details.setdefault("deleted_overlays", outcome.deleted_overlays)
             raise

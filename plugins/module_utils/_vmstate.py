@@ -644,11 +644,15 @@ def save_state(
                 )
         _wait_for_completion(qmp, request)
     except BaseException as exc:
-        problems = _abandon_save(qmp, migrate, fd_name if fd_given else None, settings, request.timeout)
+        died = isinstance(exc, VmsnapError) and bool(exc.details.get("vm_died"))
+        # A dead QEMU has no migration to cancel, no settings to put back and no guest to resume.
+        problems = [] if died else _abandon_save(qmp, migrate, fd_name if fd_given else None, settings, request.timeout)
         target.discard()
-        if stopped_by_us:
+        if stopped_by_us and not died:
             _resume_quietly(qmp)
         if isinstance(exc, VmsnapError):
+            if died:
+                exc.msg += f" The unfinished state file was removed: nothing was saved at {request.path}."
             if problems:
                 exc.msg += f" Cleaning up: {'; '.join(problems)}."
             exc.details.setdefault("overlays_taken", overlays)
