@@ -34,7 +34,13 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import (
     ValidationError,
     VmsnapError,
 )
-from ansible_collections.vmsnap.qemu.plugins.module_utils._files import fsync_file, fsync_folder
+from ansible_collections.vmsnap.qemu.plugins.module_utils._files import (
+    claimed,
+    create_exclusive,
+    fsync_file,
+    fsync_folder,
+    set_mode,
+)
 from ansible_collections.vmsnap.qemu.plugins.module_utils._lock import image_locks
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qcow2_native import probe_qemu_locks, read_qcow2_layer
 from ansible_collections.vmsnap.qemu.plugins.module_utils._retention import PeriodRules
@@ -279,7 +285,8 @@ def layer_digest(qemu_img: QemuImg, path: str, scratch: str) -> tuple[str, int]:
     defined = 0
     try:
         if need_raw:
-            qemu_img.run(["convert", "-q", "-O", "raw", "--", layer_spec(path), raw])
+            with claimed(raw) as raw_name:
+                qemu_img.run(["convert", "-q", "-O", "raw", "--", layer_spec(path), raw_name])
         with open(path, "rb") as image, contextlib.ExitStack() as stack:
             raw_file = stack.enter_context(open(raw, "rb")) if need_raw else None
             for kind, start, length, pieces in merged:
@@ -497,7 +504,8 @@ def offline_full(qemu_img: QemuImg, job: Job, compress: bool, verify: bool) -> d
     started = time.monotonic()
     add_bitmap_offline(qemu_img, image, job.bitmap)
     try:
-        qemu_img.run(["convert", "-q", "-O", "qcow2"] + (["-c"] if compress else []) + ["--", image, job.temp])
+        with claimed(job.temp) as temp_name:
+            qemu_img.run(["convert", "-q", "-O", "qcow2"] + (["-c"] if compress else []) + ["--", image, temp_name])
         return finish_backup(qemu_img, job, compress, image if verify else None, started)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -721,14 +729,18 @@ def restored_matches(qemu_img: QemuImg, restore_to: str, backup_file: str, resto
 def restore(qemu_img: QemuImg, backup_file: str, restore_to: str, restore_as: str, verify: bool) -> None:
     temp = restore_temp(restore_to)
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(temp)
+        os.unlink(temp)  # a file or symlink itself, never its target
     try:
-        if restore_as == "chain":
-            qemu_img.create_overlay(temp, backup_file, "qcow2")
-        else:
-            qemu_img.run(["convert", "-q", "-O", "qcow2", "--", backup_file, temp])
+        with claimed(temp) as temp_name:
+            if restore_as == "chain":
+                qemu_img.create_overlay(temp_name, os.path.abspath(backup_file), "qcow2")
+            else:
+                qemu_img.run(["convert", "-q", "-O", "qcow2", "--", backup_file, temp_name])
         if verify and not qemu_img.compare(backup_file, temp):
             raise B.BackupError(f"The restored image does not show the data of {backup_file}; nothing was replaced.")
+        with contextlib.suppress(FileNotFoundError):  # a replaced disk keeps its mode and owner; a new one is 0600
+            current = os.stat(restore_to)
+            set_mode(temp, current.st_mode & 0o7777, (current.st_uid, current.st_gid))
         fsync_file(temp)
         os.rename(temp, restore_to)
         fsync_folder(os.path.dirname(restore_to))
@@ -830,7 +842,8 @@ def execute_prune(qemu_img: QemuImg, target: Target, plan: B.PrunePlan) -> None:
         path = target.file(entry["file"])
         temp = target.file(f"{B.TMP_PREFIX}merge-{child_id}.qcow2")
         try:
-            shutil.copyfile(path, temp)
+            with open(path, "rb") as source, os.fdopen(create_exclusive(temp), "wb") as copy:
+                shutil.copyfileobj(source, copy)
             new_backing = by_id[new_parent]["file"] if new_parent else ""
             args = ["rebase", "-q", "-f", "qcow2", "-b", new_backing] + (["-F", "qcow2"] if new_parent else [])
             qemu_img.run(args + ["--", temp])

@@ -392,22 +392,29 @@ class _BackupRun:
     def create_targets(self, qemu_img: QemuImg) -> None:
         for job in self.jobs:
             try:
-                fd = os.open(job.target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                fd = os.open(job.target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             except OSError as exc:
-                reason = "it already exists" if isinstance(exc, FileExistsError) else (exc.strerror or str(exc))
+                reason = (
+                    "it already exists (a file or symlink); refusing to overwrite or follow it"
+                    if isinstance(exc, FileExistsError)
+                    else (exc.strerror or str(exc))
+                )
                 raise BackupError(f"Cannot create the backup file {job.target}: {reason}.", target=job.target) from None
-            os.close(fd)
             self.created.append(job.target)
+            # qemu-img writes the file this task created through its fd, never what may be planted at the name;
+            # -u: the relative backing name is stored as given, not resolved against /proc (the size is explicit)
             args = ["create", "-q", "-f", "qcow2"]
             if job.backing:
-                args += ["-b", backing_reference(job.target, job.backing), "-F", "qcow2"]
+                args += ["-b", backing_reference(job.target, job.backing), "-F", "qcow2", "-u"]
             try:
-                qemu_img.run(args + ["--", job.target, str(job.virtual_size)])
+                qemu_img.run(args + ["--", f"/proc/{os.getpid()}/fd/{fd}", str(job.virtual_size)])
             except VmsnapError as exc:
                 raise BackupError(
                     f"Cannot create the backup file {job.target}: {getattr(exc, 'stderr', '').strip() or exc.msg}",
                     target=job.target,
                 ) from None
+            finally:
+                os.close(fd)
 
     def open_targets(self) -> None:
         for job in self.jobs:

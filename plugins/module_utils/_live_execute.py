@@ -340,16 +340,18 @@ def _claim_overlays(devices: list[DevicePlan]) -> list[str]:
         overlay = t.cast(str, device.overlay)
         owner = _owner_of(device.disk["file"])
         try:
-            fd = os.open(overlay, os.O_WRONLY | os.O_CREAT | os.O_EXCL, owner[2] if owner else 0o644)
+            mode = owner[2] if owner else 0o644
+            fd = os.open(overlay, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
             try:
                 if owner and os.geteuid() == 0 and owner[:2] != (0, 0):
                     os.fchown(fd, owner[0], owner[1])
+                os.fchmod(fd, mode)  # the umask must not cut the disk's mode
             finally:
                 os.close(fd)
         except OSError as exc:
             removed, problems = _remove_files(claimed)
             reason = (
-                "it appeared after this task checked (another task?)"
+                "it appeared after this task checked (another task?); refusing to overwrite or follow it"
                 if isinstance(exc, FileExistsError)
                 else (exc.strerror or str(exc))
             )
