@@ -6,19 +6,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import multiprocessing
 import os
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
 
+from ansible_collections.vmsnap.qemu.plugins.module_utils import _qmp
+from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import LockTimeoutError
+from ansible_collections.vmsnap.qemu.plugins.module_utils._lock import vm_lock_file_for
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import (
     QmpClient,
     QmpConnectionError,
     QmpError,
     QmpJobError,
     QmpTimeoutError,
+    QmpVmDiedError,
+    pause_ms,
 )
 from ansible_collections.vmsnap.qemu.tests.unit.plugins.module_utils.qmp_fakes import FakeQmp, reply
 
@@ -252,3 +261,279 @@ def test_against_a_real_qemu(tmp_path) -> None:
     finally:
         vm.kill()
         vm.wait()
+
+
+# --- taking turns on one socket ----------------------------------------------------------------------------------
+
+
+class SerialQmp:
+    """A QMP server that, like QEMU, serves one client after the other; logs (client number, command)."""
+
+    def __init__(self, path: str) -> None:
+        self.log: list[tuple[int, str]] = []
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(path)
+        self.server.listen(8)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        client = 0
+        while True:
+            try:
+                conn, dummy = self.server.accept()
+            except OSError:
+                return
+            client += 1
+            with conn:
+                conn.sendall(json.dumps(GREETING).encode() + b"\n")
+                for line in conn.makefile("rb"):
+                    message = json.loads(line)
+                    self.log.append((client, message["execute"]))
+                    time.sleep(0.01)
+                    conn.sendall(json.dumps({"return": {}, "id": message["id"]}).encode() + b"\n")
+
+
+GREETING = {"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": ""}, "capabilities": []}}
+
+
+def _hold_vm(path: str, locks: str, seconds: float, ready) -> None:
+    with QmpClient(path, lock_dir=locks) as qmp:
+        qmp.execute("query-status")
+        ready.set()
+        time.sleep(seconds)
+        qmp.execute("query-block")
+
+
+@pytest.fixture
+def vm_holder(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    procs = []
+
+    def start(path: str, seconds: float):
+        ready = ctx.Event()
+        proc = ctx.Process(target=_hold_vm, args=(path, str(tmp_path / "locks"), seconds, ready))
+        proc.start()
+        procs.append(proc)
+        assert ready.wait(10)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.join(10)
+        assert proc.exitcode == 0
+
+
+def test_a_second_task_waits_its_turn_and_never_interleaves(tmp_path, vm_holder) -> None:
+    path = str(tmp_path / "vm.sock")
+    server = SerialQmp(path)
+    vm_holder(path, seconds=0.6)
+    started = time.monotonic()
+    with QmpClient(path, connect_timeout=0.5, lock_timeout=10, lock_dir=str(tmp_path / "locks")) as qmp:
+        waited = time.monotonic() - started
+        qmp.execute("query-status")
+    assert waited >= 0.4  # it waited for the holder instead of failing after connect_timeout
+    clients = [client for client, dummy in server.log]
+    assert clients == sorted(clients)  # all of the first client's commands, then all of the second's
+    assert [c for c, cmd in server.log if c == 1] == [1, 1, 1] and [c for c, d in server.log if c == 2] == [2, 2]
+
+
+def test_a_waiter_that_runs_out_names_the_holder_and_sends_nothing(tmp_path, vm_holder) -> None:
+    path = str(tmp_path / "vm.sock")
+    server = SerialQmp(path)
+    proc = vm_holder(path, seconds=1.5)
+    locks = str(tmp_path / "locks")
+    started = time.monotonic()
+    with pytest.raises(LockTimeoutError) as info:
+        QmpClient(path, lock_timeout=0.3, lock_dir=locks).connect()
+    assert 0.25 <= time.monotonic() - started < 1.2
+    assert info.value.msg.startswith(
+        f"Another vmsnap.qemu task is using the VM behind {path} (held by pid {proc.pid} ("
+    )
+    assert "still busy after lock_timeout 0.3 s" in info.value.msg and "Nothing was changed" in info.value.msg
+    assert info.value.details["lock_file"] == vm_lock_file_for(path, locks)
+    proc.join(10)
+    assert {client for client, dummy in server.log} == {1}  # the waiter never reached the socket
+
+
+def test_a_failed_connect_releases_the_turn(serve, tmp_path) -> None:
+    server = serve(lambda m, s: [], greet=False)
+    locks = str(tmp_path / "locks")
+    client = QmpClient(server.path, connect_timeout=0.3, lock_dir=locks)
+    with pytest.raises(QmpTimeoutError, match="another client probably holds the socket"), client:
+        pass
+    assert not os.path.exists(vm_lock_file_for(server.path, locks))
+
+
+def test_no_lock_for_private_sockets(serve, tmp_path) -> None:
+    server = serve(lambda m, s: [reply(m, {})])
+    locks = tmp_path / "locks"
+    with QmpClient(server.path, lock_timeout=None, lock_dir=str(locks)) as qmp:
+        qmp.execute("query-status")
+        assert not locks.exists()
+
+
+# --- a QEMU that dies, and one that only hangs up ------------------------------------------------------------------
+
+
+def _peer(path: str, action: str, ready) -> None:
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    ready.set()
+    conn, dummy = server.accept()
+    conn.sendall(json.dumps(GREETING).encode() + b"\n")
+    lines = conn.makefile("rb")
+    message = json.loads(lines.readline())
+    conn.sendall(json.dumps({"return": {}, "id": message["id"]}).encode() + b"\n")
+    lines.readline()  # the next command: now die, or hang up and live on
+    if action == "die":
+        os._exit(0)
+    conn.shutdown(socket.SHUT_RDWR)
+    time.sleep(3)
+    os._exit(0)
+
+
+@pytest.mark.parametrize("action", ["die", "hang-up"])
+def test_a_qemu_that_dies_while_we_wait_is_reported_as_died(tmp_path, action: str) -> None:
+    path = str(tmp_path / "qmp.sock")
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_peer, args=(path, action, ready))
+    proc.start()
+    try:
+        assert ready.wait(10)
+        with QmpClient(path, lock_timeout=None) as qmp, pytest.raises(QmpConnectionError) as info:
+            qmp.execute("query-status")
+    finally:
+        proc.kill()
+        proc.join()
+    if action == "die":
+        assert isinstance(info.value, QmpVmDiedError)
+        assert info.value.msg.startswith(
+            f"QEMU (pid {proc.pid}) behind {path} exited while we waited for the reply to query-status: the VM died"
+        )
+        assert info.value.details["vm_died"] is True
+    else:
+        assert not isinstance(info.value, QmpVmDiedError)
+        assert info.value.msg == f"QEMU closed the connection {path} while we waited for the reply to query-status."
+
+
+# --- limits and odd shapes -----------------------------------------------------------------------------------------
+
+
+def _raw(serve, *payloads: bytes):
+    """A fake server that answers the first command after qmp_capabilities with raw bytes."""
+
+    def handler(message, server):
+        for payload in payloads:
+            server.conn.sendall(payload.replace(b"ID", json.dumps(message["id"]).encode()))
+        return []
+
+    return serve(handler)
+
+
+def test_an_endless_line_is_cut_off_at_the_cap(serve, monkeypatch) -> None:
+    monkeypatch.setattr(_qmp, "MAX_MESSAGE_BYTES", 1 << 20)
+    chunk = b"x" * 65536
+
+    def handler(message, server):
+        with contextlib.suppress(OSError):
+            for dummy in range(200):  # 12.5 MiB, far past the (lowered) cap; the client hangs up first
+                server.conn.sendall(chunk)
+        return []
+
+    qmp = QmpClient(serve(handler).path, command_timeout=10, lock_timeout=None)
+    qmp.connect()
+    with pytest.raises(QmpConnectionError, match="sent more than 1048576 bytes without ending the message"):
+        qmp.execute("guest-file-read")
+    assert qmp._sock is None  # closed: the rest of the stream is never read
+
+
+def test_the_cap_is_above_the_largest_real_message() -> None:
+    largest = (16 << 20) * 4 // 3  # a guest agent's guest-exec-status output, base64
+    assert 2 * largest < _qmp.MAX_MESSAGE_BYTES
+
+
+def test_deeply_nested_json_is_an_error_of_the_family(serve) -> None:
+    deep = b'{"return": ' + b"[" * 200000 + b"]" * 200000 + b', "id": ID}\n'
+    expected = "sent something that is not QMP JSON"
+    with QmpClient(_raw(serve, deep).path, lock_timeout=None) as qmp, pytest.raises(QmpConnectionError, match=expected):
+        qmp.execute("query-status")
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (b'{"error": "no class", "id": ID}\n', "QMP query-status failed: no class (GenericError)"),
+        (b'{"error": {}, "id": ID}\n', "QMP query-status failed:  (GenericError)"),
+        (b'{"error": [1, 2], "id": ID}\n', "QMP query-status failed: [1, 2] (GenericError)"),
+    ],
+)
+def test_odd_errors_are_qmp_errors(serve, payload: bytes, expected: str) -> None:
+    with QmpClient(_raw(serve, payload).path, lock_timeout=None) as qmp, pytest.raises(QmpError) as info:
+        qmp.execute("query-status")
+    assert info.value.msg == expected
+
+
+def test_odd_return_shapes_are_refused_where_a_shape_is_expected(serve) -> None:
+    expected = "answered query-jobs with dict where QMP returns list"
+    server = _raw(serve, b'{"return": {"id": "j1"}, "id": ID}\n')
+    with QmpClient(server.path, lock_timeout=None) as qmp, pytest.raises(QmpConnectionError, match=expected):
+        qmp.query_job("j1")
+
+
+def test_odd_job_entries_and_event_data_are_skipped(serve) -> None:
+    def handler(message, server):
+        odd_event = {"event": "JOB_STATUS_CHANGE", "data": "odd"}
+        return [odd_event, reply(message, ["odd", {"id": "j1", "status": "concluded"}])]
+
+    with QmpClient(serve(handler).path, lock_timeout=None) as qmp:
+        assert qmp.wait_job("j1", ("concluded",), timeout=2) == "concluded"
+
+
+@pytest.mark.parametrize(
+    "greeting",
+    [
+        b'{"QMP": "odd"}\n',
+        b"[1]\n",
+        b'{"QMP": {"version": "x"}}\n',
+        b'{"QMP": {"version": {"qemu": {"major": "x"}}}}\n',
+    ],
+)
+def test_odd_greetings(tmp_path, greeting: bytes) -> None:
+    path = str(tmp_path / "odd.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+
+    def serve_once() -> None:
+        conn, dummy = server.accept()
+        conn.sendall(greeting)
+        line = conn.makefile("rb").readline()
+        if line:
+            conn.sendall(json.dumps({"return": {}, "id": json.loads(line)["id"]}).encode() + b"\n")
+        time.sleep(0.5)
+        conn.close()
+
+    thread = threading.Thread(target=serve_once, daemon=True)
+    thread.start()
+    try:
+        qmp = QmpClient(path, lock_timeout=None)
+        if greeting.startswith(b'{"QMP": {'):
+            with qmp:
+                assert qmp.version == (0, 0, 0)
+        else:
+            with pytest.raises(QmpConnectionError, match="did not greet like a QMP monitor|not a QMP message"):
+                qmp.connect()
+    finally:
+        thread.join(5)
+        server.close()
+
+
+def test_events_without_timestamps_count_as_nothing() -> None:
+    events = [
+        {"event": "STOP"},
+        {"event": "RESUME", "timestamp": "odd"},
+        {"event": "STOP", "timestamp": {"seconds": "x"}},
+    ]
+    assert pause_ms(events) == 0.0
