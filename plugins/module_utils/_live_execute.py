@@ -146,9 +146,26 @@ def _job_id(action: str) -> str:
 
 
 def _create(qmp: QmpClient, plan: LivePlan) -> None:
+    if plan.request.mode != "internal":
+        _create_external(qmp, plan)
+        return
+    try:
+        _create_internal(qmp, plan)
+    except VmsnapError as exc:
+        if exc.details.get("vm_died"):
+            exc.msg += (
+                f" QEMU was taking the internal snapshot {plan.request.name!r}: one it did not finish is not listed "
+                "(qemu-img snapshot -l), but the clusters it had begun to share may stay counted twice. If qemu-img "
+                "check then reports only leaked clusters and OFLAG_COPIED errors with refcount=2, qemu-img check -r "
+                "all repairs them without touching data; then run this task again on the restarted VM."
+            )
+        raise
+
+
+def _create_internal(qmp: QmpClient, plan: LivePlan) -> None:
     request = plan.request
     devices = plan.acting()
-    if request.mode == "internal" and request.vmstate:
+    if request.vmstate:
         qmp.run_job(
             "snapshot-save",
             {
@@ -160,15 +177,17 @@ def _create(qmp: QmpClient, plan: LivePlan) -> None:
             request.timeout,
         )
         return
-    if request.mode == "internal":
-        actions = [
-            {"type": "blockdev-snapshot-internal-sync", "data": {"device": device.node_name, "name": request.name}}
-            for device in devices
-        ]
-        qmp.execute("transaction", {"actions": actions}, timeout=request.timeout)
-        return
+    actions = [
+        {"type": "blockdev-snapshot-internal-sync", "data": {"device": device.node_name, "name": request.name}}
+        for device in devices
+    ]
+    qmp.execute("transaction", {"actions": actions}, timeout=request.timeout)
+
+
+def _create_external(qmp: QmpClient, plan: LivePlan) -> None:
+    devices = plan.acting()
     claimed = _claim_overlays(devices)
-    _overlay_transaction(qmp, devices, claimed, request.timeout)
+    _overlay_transaction(qmp, devices, claimed, plan.request.timeout)
 
 
 def _overlay_transaction(qmp: QmpClient, devices: list[DevicePlan], claimed: list[str], timeout: float) -> None:
