@@ -132,8 +132,11 @@ options:
             V(s), V(m), V(h), V(d) or V(w), for example V(7d). A bare number means seconds.
         type: str
 notes:
-  - A successful V(present) task over O(paths) takes the snapshots one disk after another, which is
-    consistent because the VM is not running.
+  - With O(paths) the images are read, and for O(state=present) the snapshots created, several at a time (one
+    C(qemu-img) process per image, up to as many at once as the host has CPUs, at least 2 and at most 8). The
+    snapshots of one task are still consistent with each other because the VM is not running. Deletions
+    (O(state=absent)), reverts and retention deletes run one image after another, so that a failure stops
+    before the next image.
   - An image with more than 10 internal snapshots triggers a warning; each snapshot slows guest writes.
   - Before changing an image the module checks that its filesystem has room for the metadata update,
     because C(qemu-img) leaves a changed image with leaked clusters when it runs out of space midway.
