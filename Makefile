@@ -34,7 +34,8 @@ help:
 	@echo "make demo   - pre_upgrade over three tiny guests through qga: one upgraded, one broken, one unreachable, both rolled back"
 	@echo "make demo-more - the single-VM demos (offline, live, checkpoint with RAM)"
 	@echo "make test   - run every test layer (installs what it needs)"
-	@echo "make bench  - run the benchmark and print the ratios for docs/performance.md"
+	@echo "make bench  - qcow2_snapshot over many disks and qcow2_chain commit/flatten vs raw qemu-img (for docs/performance.md)"
+	@echo "make bench-scale - 1,000 snapshots, a 5,000-image dependants scan, qemu_vm_info over 50 VMs, 200 paths (for docs/performance.md)"
 	@echo "make bench-live - guest pause of live snapshots vs HMP savevm (tiny real guest, for docs/performance.md)"
 	@echo "make bench-ram - checkpoints with RAM: pause vs HMP savevm, state size, restore time (for docs/performance.md)"
 	@echo "make bench-workflow - roles vs direct QMP over fleets of 1/10/30 VMs, rollback time per method (for docs/performance.md)"
@@ -164,9 +165,17 @@ vm-tests:
 	cd tests/vm && $(VENV)/bin/python -c 'from tiny_guest import build_tiny_guest, default_cache_dir as d; build_tiny_guest(d())'
 	ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) $(VENV)/bin/pytest -p no:cacheprovider -q -rs -n 2 --dist loadfile --durations=12 tests/vm
 
+# qcow2_snapshot over 1 and 50 images, and qcow2_chain committed/flattened on a 1 GiB chain, against raw qemu-img.
 .PHONY: bench
 bench: deps copy
 	ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) $(VENV)/bin/python benchmarks/snapshot_many.py
+	ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) $(VENV)/bin/python benchmarks/chain_ops.py
+
+# Scale: 1,000 internal snapshots vs 1, a dependants scan over 5,000 images, qemu_vm_info over 50 VMs, qcow2_snapshot
+# over 200 paths (BENCH_SCALE_PARTS picks parts; the 1,000-snapshot image is cached in ~/.cache/vmsnap.qemu/bench).
+.PHONY: bench-scale
+bench-scale: deps copy
+	ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) $(VENV)/bin/python benchmarks/scale.py
 
 # Guest pause of qmp_live_snapshot's methods against HMP savevm, on a tiny real guest (tests/vm) under TCG.
 .PHONY: bench-live
