@@ -24,6 +24,7 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._revert_bitmaps import
     blocking_bitmaps,
     check_revert_bitmaps,
 )
+from ansible_collections.vmsnap.qemu.plugins.module_utils._stale_jobs import is_unused_claim, orphaned_owner
 
 SNAPSHOT_JOBS_SINCE = (6, 0, 0)
 SAVEABLE_VM_STATUSES = ("running", "paused")
@@ -262,6 +263,8 @@ def _warn_disks_left_out(plan: LivePlan, block_devices: list[dict[str, t.Any]]) 
 
 def _refuse_running_vmsnap_jobs(jobs: list[dict[str, t.Any]]) -> None:
     for job in jobs:
+        if orphaned_owner(job.get("id")) is not None:
+            continue  # a killed task's: the run finishes it first (check mode warns)
         if str(job.get("id", "")).startswith("vmsnap-") and job.get("status") not in ("concluded", "null"):
             raise ValidationError(
                 f"An earlier vmsnap job {job['id']} ({job.get('type')}) is still {job.get('status')} in this VM; "
@@ -482,7 +485,7 @@ def _check_new_overlay(device: DevicePlan) -> None:
             f"The overlay file name for {device.label} would be longer than {MAX_FILE_NAME_BYTES} bytes: {overlay}. "
             "Use a shorter snapshot name."
         )
-    if os.path.lexists(overlay):
+    if os.path.lexists(overlay) and not is_unused_claim(overlay):  # an empty one: the run removes it first
         raise ValidationError(
             f"The overlay file {overlay} for {device.label} already exists but is not part of that disk's chain; "
             "refusing to overwrite it. Move it away or use another snapshot name or overlay_dir.",

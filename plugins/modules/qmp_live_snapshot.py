@@ -412,12 +412,21 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._guest_agent import Gu
 from ansible_collections.vmsnap.qemu.plugins.module_utils._live import (
     LivePlan,
     LiveRequest,
+    LiveSnapshotError,
+    choose_disks,
+    overlay_path,
     plan_live,
     vm_fingerprint,
 )
 from ansible_collections.vmsnap.qemu.plugins.module_utils._live_execute import LiveOutcome, execute_live
+from ansible_collections.vmsnap.qemu.plugins.module_utils._qemu_img import QemuImg
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient, QmpTimeoutError
 from ansible_collections.vmsnap.qemu.plugins.module_utils._revert_bitmaps import drop_warning
+from ansible_collections.vmsnap.qemu.plugins.module_utils._stale_jobs import (
+    finish_orphaned_jobs,
+    orphaned_owner,
+    remove_leftover_overlay,
+)
 from ansible_collections.vmsnap.qemu.plugins.module_utils._validate import (
     validate_image_path,
     validate_snapshot_name,
@@ -449,8 +458,10 @@ def main() -> t.NoReturn:
     try:
         request = _request(params)
         with QmpClient(params["socket"], params["connect_timeout"], request.timeout, params["lock_timeout"]) as qmp:
+            finished = _finish_orphaned_jobs(module, qmp, request.timeout)
             vm = describe_vm(qmp)
             result["vm_status"] = vm["status"]
+            finished = _remove_leftover_overlays(module, qmp, request, vm) or finished
             plan = plan_live(request, vm, qmp.version, qmp.execute("query-named-block-nodes"))
             agent = _prepare_quiesce(module, plan, params["connect_timeout"], params["lock_timeout"])
             for warning in plan.warnings:
@@ -474,7 +485,7 @@ def main() -> t.NoReturn:
     except VmsnapError as exc:
         exc.do_fail(module, **result)
     result.update(
-        changed=plan.changed,
+        changed=plan.changed or finished,
         devices=[device.result() for device in plan.devices],
         downtime_ms=outcome.downtime_ms,
         elapsed_ms=outcome.elapsed_ms,
@@ -493,6 +504,55 @@ def main() -> t.NoReturn:
     if module._diff:
         result["diff"] = plan.diff()
     module.exit_json(**result)
+
+
+def _finish_orphaned_jobs(module: AnsibleModule, qmp: QmpClient, timeout: float) -> bool:
+    """Jobs of an earlier task that was killed: finish them (not in check mode); True when one was finished."""
+    if module.check_mode:
+        for job in qmp.execute("query-jobs") or []:
+            if isinstance(job, dict) and orphaned_owner(job.get("id")) is not None:
+                module.warn(
+                    f"The job {job['id']} ({job.get('type')}, status {job.get('status')}) of an earlier task that no "
+                    "longer runs is still in QEMU; the real run finishes and dismisses it first."
+                )
+        return False
+    notes = finish_orphaned_jobs(qmp, timeout)
+    for note in notes:
+        module.warn(note)
+    return bool(notes)
+
+
+def _remove_leftover_overlays(
+    module: AnsibleModule, qmp: QmpClient, request: LiveRequest, vm: dict[str, t.Any]
+) -> bool:
+    """External: this snapshot's overlay files that a killed task left outside the chains (claimed and never used,
+    or merged and not deleted). True when one was removed; check mode only looks."""
+    if request.mode != "external" or request.state == "reverted" or module.check_mode:
+        return False
+    nodes = qmp.execute("query-named-block-nodes") or []
+    in_use = {str(node.get("file")) for node in nodes}
+    try:
+        disks = choose_disks(vm["block_devices"], request.devices, nodes)
+    except VmsnapError:
+        return False  # the plan refuses with its own message
+    removed = False
+    qemu_img = QemuImg(module)
+    for dummy, disk in disks:
+        overlay = overlay_path(disk["file"], request.name, request.overlay_dir)
+        if overlay in in_use or any(layer["filename"] == overlay for layer in disk["chain"]):
+            continue
+        try:
+            note = remove_leftover_overlay(qemu_img, overlay, disk["file"], merged=request.state == "absent")
+        except OSError as exc:
+            raise LiveSnapshotError(
+                f"Cannot remove the overlay file {overlay} that an earlier task left: {exc.strerror or exc}; "
+                "nothing else was done.",
+                overlay=overlay,
+            ) from None
+        if note:
+            module.warn(note)
+            removed = removed or note.startswith("Removed")
+    return removed
 
 
 def _base_images(plan: LivePlan) -> dict[str, str] | None:
