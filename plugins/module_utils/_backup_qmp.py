@@ -324,7 +324,7 @@ def run_backup_jobs(
         run.finalize()
         run.close_targets()
     except BaseException as exc:
-        problems = run.abort()
+        problems = run.abort(qemu_died=isinstance(exc, VmsnapError) and bool(exc.details.get("vm_died")))
         error = exc
         if isinstance(exc, VmsnapError) and not isinstance(exc, BackupError) and not in_caller:
             disks = ", ".join(job.node for job in jobs)
@@ -521,11 +521,15 @@ class _BackupRun:
                 ) from None
             self.opened.remove(node)
 
-    def abort(self) -> list[str]:
-        """Undo what this run did; returns what could not be undone. Never raises."""
+    def abort(self, qemu_died: bool = False) -> list[str]:
+        """Undo what this run did; returns what could not be undone. Never raises.
+
+        qemu_died: the QEMU exited; its jobs, target nodes and a bitmap added at run time went with it.
+        """
         problems: list[str] = []
         try:
-            self._abort_jobs(problems)
+            if not qemu_died:
+                self._abort_jobs(problems)
         except VmsnapError as exc:  # QEMU gone or not answering: only the files can still be removed
             problems.append(f"QEMU could not be told to clean up ({exc.msg})")
         for path in self.created:

@@ -425,3 +425,46 @@ def test_killed_during_external_checkpoint_with_ram(vms: list[RamVM], tmp_path: 
     again = ok("qmp_live_snapshot", args, tmp_path)
     assert again["changed"] and state.exists() and Path(f"{state}.json").exists()
     assert backing_file(overlay) == str(disk)
+
+
+def test_killed_during_live_backup(vms: list[RamVM], tmp_path: Path, rng: random.Random) -> None:
+    """A live full backup of a disk with 96 MiB of data; QEMU dies while it copies. No backup is recorded or left
+    looking complete, the disk is consistent and keeps its data, and the next run on a new QEMU takes a full backup
+    that restores the data."""
+    vm = RamVM(tmp_path, "vm").create_disks(OLD, size="128M").start()
+    vms.append(vm)
+    disk = vm.disks[0]
+    vm.write_at(FILL, 16 * MIB, 96 * MIB)
+    vm.flush()
+    dest = tmp_path / "backups"
+    dest.mkdir()
+    args = dict(socket=str(vm.qmp), dest_dir=str(dest))
+    proc = start_module("qcow2_backup", args, tmp_path)
+
+    def copying() -> bool:
+        return any(p.stat().st_size >= 8 * MIB for p in dest.rglob(".tmp-*") if p.is_file())
+
+    kill_when(vm, proc, copying, "8 MiB were copied", rng.uniform(0, 0.05))
+    result = result_of(proc)
+    assert_died(result)
+    index = next(dest.rglob("index.json"), None)
+    recorded = json.loads(index.read_text())["backups"] if index else []
+    print(f"index after the kill: {recorded}; files: {sorted(p.name for p in dest.rglob('*'))}")
+    print(f"task: {result['msg']} changed={result['changed']}")
+    assert "could not be told to clean up" not in result["msg"]  # nothing in a dead QEMU to clean up
+    assert not list(dest.rglob(".tmp-*"))  # the unfinished backup file was removed
+    assert all(b.get("status", "complete") != "complete" for b in recorded), recorded
+    check(disk)
+    assert reads(disk, OLD) and reads(disk, FILL, 16 * MIB, 96 * MIB)
+
+    vm.start()
+    again = ok("qcow2_backup", args, tmp_path)
+    assert again["changed"] and again["backup"]["mode"] == "full", again
+    assert not list(dest.rglob(".tmp-*"))
+    target = tmp_path / "restored.qcow2"
+    ok(
+        "qcow2_backup",
+        dict(state="restored", dest_dir=str(dest), set_name=again["sets"][0]["set"], restore_to=str(target)),
+        tmp_path,
+    )
+    assert reads(target, OLD) and reads(target, FILL, 16 * MIB, 96 * MIB)
