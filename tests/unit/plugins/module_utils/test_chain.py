@@ -270,3 +270,53 @@ def test_a_failed_read_after_a_change_reports_changed(qemu_img: QemuImg, vms: Pa
     with pytest.raises(VmsnapError, match=f"The create of {overlay} is done, but reading the chain") as caught:
         qcow2_chain._read_chain_after(qemu_img, plan, base)  # pylint: disable=protected-access
     assert caught.value.details["changed"] is True
+
+
+def test_a_failed_delete_is_an_error_that_changed_nothing(
+    qemu_img: QemuImg, vms: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = make(vms / "base.qcow2")
+    overlay = make(vms / "overlay.qcow2", Path(base))
+    plan = plan_chain(qemu_img, request(overlay, "absent"))
+
+    def unlink_fails(path: str) -> None:
+        raise PermissionError(1, "Operation not permitted", path)
+
+    monkeypatch.setattr(_chain.os, "unlink", unlink_fails)
+    with pytest.raises(VmsnapError, match=f"Cannot delete {overlay}: Operation not permitted; nothing was changed"):
+        execute_chain(qemu_img, plan, keep=False, compress=False, unsafe=False, verify=True)
+    assert os.path.exists(overlay)
+
+
+def test_a_flatten_that_cannot_rename_leaves_the_overlay_and_no_temp_folder(
+    qemu_img: QemuImg, vms: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = make(vms / "base.qcow2")
+    overlay = make(vms / "overlay.qcow2", Path(base))
+    before = snapshot(vms)
+    plan = plan_chain(qemu_img, request(overlay, "flattened"))
+
+    def replace_fails(source: str, dest: str) -> None:
+        raise OSError(5, "Input/output error", dest)
+
+    monkeypatch.setattr(_chain.os, "replace", replace_fails)
+    with pytest.raises(VmsnapError, match=f"Cannot put the flattened copy of {overlay} in place: Input/output error"):
+        execute_chain(qemu_img, plan, keep=False, compress=False, unsafe=False, verify=True)
+    assert snapshot(vms) == before and sorted(os.listdir(vms)) == ["base.qcow2", "overlay.qcow2"]
+
+
+def test_a_flatten_whose_folder_sync_fails_reports_changed(
+    qemu_img: QemuImg, vms: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = make(vms / "base.qcow2")
+    overlay = make(vms / "overlay.qcow2", Path(base))
+    plan = plan_chain(qemu_img, request(overlay, "flattened"))
+
+    def sync_fails(folder: str) -> None:
+        raise OSError(5, "Input/output error", folder)
+
+    monkeypatch.setattr(_chain, "fsync_folder", sync_fails)
+    with pytest.raises(VmsnapError, match=f"{overlay} was flattened, but syncing its folder failed") as caught:
+        execute_chain(qemu_img, plan, keep=False, compress=False, unsafe=False, verify=True)
+    assert caught.value.details["changed"] is True
+    assert qemu_img.info(overlay).filenames() == [overlay]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ansible_collections.vmsnap.qemu.plugins.module_utils import _files
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import VmsnapError
 from ansible_collections.vmsnap.qemu.plugins.module_utils._files import (
     create_exclusive,
@@ -147,3 +148,17 @@ def test_link_new_gives_the_name(shared: Path, tmp_path: Path) -> None:
     link_new(str(source), str(shared / "overlay.qcow2"))
     assert (shared / "overlay.qcow2").read_bytes() == b"new"
     assert not source.exists()
+
+
+def test_private_folder_refuses_a_name_planted_while_it_removed_a_leftover(
+    shared: Path, target: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = shared / ".disk.qcow2.x"
+
+    def plant_after_removal(path: str) -> None:
+        name.symlink_to(target.parent)  # another user wins the race
+
+    monkeypatch.setattr(_files, "remove_private_folder", plant_after_removal)
+    with pytest.raises(VmsnapError, match=r"\.disk\.qcow2\.x exists \(it appeared while .*nothing was changed"):
+        private_folder(str(shared / "disk.qcow2"), ".x")
+    assert unchanged(target) and name.is_symlink()
