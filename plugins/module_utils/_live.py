@@ -24,7 +24,7 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._revert_bitmaps import
     blocking_bitmaps,
     check_revert_bitmaps,
 )
-from ansible_collections.vmsnap.qemu.plugins.module_utils._stale_jobs import is_unused_claim, orphaned_owner
+from ansible_collections.vmsnap.qemu.plugins.module_utils._stale_jobs import is_unused_claim
 
 SNAPSHOT_JOBS_SINCE = (6, 0, 0)
 SAVEABLE_VM_STATUSES = ("running", "paused")
@@ -263,8 +263,6 @@ def _warn_disks_left_out(plan: LivePlan, block_devices: list[dict[str, t.Any]]) 
 
 def _refuse_running_vmsnap_jobs(jobs: list[dict[str, t.Any]]) -> None:
     for job in jobs:
-        if orphaned_owner(job.get("id")) is not None:
-            continue  # a killed task's: the run finishes it first (check mode warns)
         if str(job.get("id", "")).startswith("vmsnap-") and job.get("status") not in ("concluded", "null"):
             raise ValidationError(
                 f"An earlier vmsnap job {job['id']} ({job.get('type')}) is still {job.get('status')} in this VM; "

@@ -460,6 +460,8 @@ def main() -> t.NoReturn:
         with QmpClient(params["socket"], params["connect_timeout"], request.timeout, params["lock_timeout"]) as qmp:
             finished = _finish_orphaned_jobs(module, qmp, request.timeout)
             vm = describe_vm(qmp)
+            if module.check_mode:  # the real run finishes them before planning (see above)
+                vm["jobs"] = [job for job in vm.get("jobs") or [] if orphaned_owner(job.get("id")) is None]
             result["vm_status"] = vm["status"]
             finished = _remove_leftover_overlays(module, qmp, request, vm) or finished
             plan = plan_live(request, vm, qmp.version, qmp.execute("query-named-block-nodes"))
