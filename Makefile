@@ -34,6 +34,7 @@ help:
 	@echo "make demo   - pre_upgrade over three tiny guests through qga: one upgraded, one broken, one unreachable, both rolled back"
 	@echo "make demo-more - the single-VM demos (offline, live, checkpoint with RAM)"
 	@echo "make test   - run every test layer (installs what it needs)"
+	@echo "make soak   - the kill trials (SIGKILLed modules) with VMSNAP_SOAK_TRIALS trials per task kind over VMSNAP_SOAK_SEEDS"
 	@echo "make bench  - qcow2_snapshot over many disks and qcow2_chain commit/flatten vs raw qemu-img (for docs/performance.md)"
 	@echo "make bench-scale - 1,000 snapshots, a 5,000-image dependants scan, qemu_vm_info over 50 VMs, 200 paths (for docs/performance.md)"
 	@echo "make bench-live - guest pause of live snapshots vs HMP savevm (tiny real guest, for docs/performance.md)"
@@ -164,6 +165,18 @@ install: $(VENV)/.installed copy
 vm-tests:
 	cd tests/vm && $(VENV)/bin/python -c 'from tiny_guest import build_tiny_guest, default_cache_dir as d; build_tiny_guest(d())'
 	ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) $(VENV)/bin/pytest -p no:cacheprovider -q -rs -n 2 --dist loadfile --durations=12 tests/vm
+
+# The kill trials of tests/vm/test_kill_trials.py (SIGKILL of the module process at seeded moments) with many more
+# trials per task kind and other seeds than make test runs; VMSNAP_SOAK_TRIALS / VMSNAP_SOAK_SEEDS override. Each
+# trial prints a line that names its seed and index (VMSNAP_KILL_SEED=S VMSNAP_KILL_ONLY=group:index replays it).
+VMSNAP_SOAK_TRIALS ?= 60
+VMSNAP_SOAK_SEEDS ?= 1 2 3 4 5 6 7 8
+.PHONY: soak
+soak: deps copy
+	for seed in $(VMSNAP_SOAK_SEEDS); do \
+	  VMSNAP_KILL_SEED=$$seed VMSNAP_SOAK_TRIALS=$(VMSNAP_SOAK_TRIALS) ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) \
+	    $(VENV)/bin/pytest -p no:cacheprovider -q -s tests/vm/test_kill_trials.py || exit 1; \
+	done
 
 # qcow2_snapshot over 1 and 50 images, and qcow2_chain committed/flattened on a 1 GiB chain, against raw qemu-img.
 .PHONY: bench
