@@ -377,10 +377,22 @@ def create_overlay(qemu_img: QemuImg, plan: ChainPlan) -> None:
         temp = os.path.join(folder, os.path.basename(plan.path))
         # backing is absolute (validated), so qemu-img resolves it the same from the private folder
         qemu_img.create_overlay(temp, t.cast(str, plan.backing), t.cast(str, plan.backing_format), plan.size)
-        backing = os.stat(t.cast(str, plan.backing))
-        set_mode(temp, backing.st_mode & 0o777, (backing.st_uid, backing.st_gid))
-        fsync_file(temp)
-        link_new(temp, plan.path)
+        try:
+            backing = os.stat(t.cast(str, plan.backing))
+            set_mode(temp, backing.st_mode & 0o777, (backing.st_uid, backing.st_gid))
+            fsync_file(temp)
+            link_new(temp, plan.path)  # the file system must support hard links
+        except OSError as exc:
+            raise VmsnapError(
+                f"Cannot create the overlay {plan.path}: {exc.strerror or exc}; nothing was changed."
+            ) from None
+        try:
+            fsync_folder(os.path.dirname(plan.path))
+        except OSError as exc:
+            raise VmsnapError(
+                f"The overlay {plan.path} was created, but syncing its folder failed: {exc.strerror or exc}.",
+                changed=True,
+            ) from None
     finally:
         with contextlib.suppress(OSError, VmsnapError):
             remove_private_folder(folder)

@@ -94,7 +94,7 @@ def remove_private_folder(path: str) -> None:
 
 def link_new(source: str, final: str) -> None:
     """Give source (a file in a private folder) the name final with link(2), which fails on any file or symlink at
-    final and never follows it; then drop the source name and fsync final's folder."""
+    final and never follows it; then drop the source name. The caller fsyncs final's folder."""
     try:
         os.link(source, final, follow_symlinks=False)
     except FileExistsError:
@@ -103,8 +103,8 @@ def link_new(source: str, final: str) -> None:
             "follow it; nothing was changed.",
             path=final,
         ) from None
-    os.unlink(source)
-    fsync_folder(os.path.dirname(final))
+    with contextlib.suppress(OSError):
+        os.unlink(source)  # the private folder is removed anyway
 
 
 def set_mode(path: str, mode: int, owner: tuple[int, int] | None = None) -> None:

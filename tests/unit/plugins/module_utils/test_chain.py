@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ansible_collections.vmsnap.qemu.plugins.module_utils import _chain
+from ansible_collections.vmsnap.qemu.plugins.module_utils import _chain, _files
 from ansible_collections.vmsnap.qemu.plugins.module_utils._chain import (
     ChainRequest,
     execute_chain,
@@ -320,3 +320,36 @@ def test_a_flatten_whose_folder_sync_fails_reports_changed(
         execute_chain(qemu_img, plan, keep=False, compress=False, unsafe=False, verify=True)
     assert caught.value.details["changed"] is True
     assert qemu_img.info(overlay).filenames() == [overlay]
+
+
+def test_an_overlay_on_a_file_system_without_hard_links_is_an_error_that_changed_nothing(
+    qemu_img: QemuImg, vms: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = make(vms / "base.qcow2")
+    overlay = str(vms / "overlay.qcow2")
+    plan = plan_chain(qemu_img, request(overlay, "present", backing=base))
+
+    def link_fails(source: str, dest: str, follow_symlinks: bool = True) -> None:
+        raise PermissionError(1, "Operation not permitted", dest)
+
+    monkeypatch.setattr(_files.os, "link", link_fails)  # vfat and some FUSE file systems answer so
+    with pytest.raises(VmsnapError, match=f"Cannot create the overlay {overlay}: Operation not permitted; nothing"):
+        execute_chain(qemu_img, plan, keep=False, compress=False, unsafe=False, verify=True)
+    assert sorted(os.listdir(vms)) == ["base.qcow2"]
+
+
+def test_an_overlay_whose_folder_sync_fails_reports_changed(
+    qemu_img: QemuImg, vms: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = make(vms / "base.qcow2")
+    overlay = str(vms / "overlay.qcow2")
+    plan = plan_chain(qemu_img, request(overlay, "present", backing=base))
+
+    def sync_fails(folder: str) -> None:
+        raise OSError(5, "Input/output error", folder)
+
+    monkeypatch.setattr(_chain, "fsync_folder", sync_fails)
+    with pytest.raises(VmsnapError, match=f"The overlay {overlay} was created, but syncing its folder") as caught:
+        execute_chain(qemu_img, plan, keep=False, compress=False, unsafe=False, verify=True)
+    assert caught.value.details["changed"] is True
+    assert sorted(os.listdir(vms)) == ["base.qcow2", "overlay.qcow2"]
