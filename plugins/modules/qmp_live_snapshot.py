@@ -198,7 +198,14 @@ notes:
     backup set or owner, or with O(backup_bitmaps=drop) removes the bitmaps of M(vmsnap.qemu.qcow2_backup) first.
   - The VM is refused while it is in status C(restore-vm), C(inmigrate), C(internal-error), C(io-error),
     C(guest-panicked) or C(shutdown) (O(state=absent) still works), and while an earlier vmsnap job is still
-    running in it.
+    running in it and the task that started it still runs.
+  - A task that was killed (SIGKILL, a lost controller) leaves its QEMU job behind; its id
+    C(vmsnap-<action>-<pid>-<n>) names the task's process. When that process is gone, the next run (not in check
+    mode) waits for the job, completes a block-commit that waits in C(ready) (the merge the killed task asked for),
+    dismisses it and warns what it found, then plans as usual. A job paused by someone is left, and refused.
+  - With O(mode=external), the next run also removes what a killed task left of this snapshot outside the disks'
+    chains - an empty overlay file it had claimed, or (O(state=absent)) an overlay it had merged but not deleted,
+    only when the disk reads the same data as that overlay (C(qemu-img compare)); otherwise it warns and keeps it.
   - QEMU serves one client at a time on the guest agent's socket; another connected client makes O(quiesce) fail
     (or, with V(best_effort), be skipped).
 seealso:
@@ -527,7 +534,7 @@ def _remove_leftover_overlays(
     module: AnsibleModule, qmp: QmpClient, request: LiveRequest, vm: dict[str, t.Any]
 ) -> bool:
     """External: this snapshot's overlay files that a killed task left outside the chains (claimed and never used,
-    or merged and not deleted). True when one was removed; check mode only looks."""
+    or merged and not deleted). True when one was removed; check mode leaves them (the plan accepts an empty one)."""
     if request.mode != "external" or request.state == "reverted" or module.check_mode:
         return False
     nodes = qmp.execute("query-named-block-nodes") or []
