@@ -35,6 +35,7 @@ help:
 	@echo "make demo-more - the single-VM demos (offline, live, checkpoint with RAM)"
 	@echo "make test   - run every test layer (installs what it needs)"
 	@echo "make soak   - the kill trials (SIGKILLed modules) with VMSNAP_SOAK_TRIALS trials per task kind over VMSNAP_SOAK_SEEDS"
+	@echo "make fuzz   - the native qcow2 reader against VMSNAP_FUZZ_CASES mutated images per seed in VMSNAP_FUZZ_SEEDS"
 	@echo "make bench  - qcow2_snapshot over many disks and qcow2_chain commit/flatten vs raw qemu-img (for docs/performance.md)"
 	@echo "make bench-scale - 1,000 snapshots, a 5,000-image dependants scan, qemu_vm_info over 50 VMs, 200 paths (for docs/performance.md)"
 	@echo "make bench-live - guest pause of live snapshots vs HMP savevm (tiny real guest, for docs/performance.md)"
@@ -176,6 +177,20 @@ soak: deps copy
 	for seed in $(VMSNAP_SOAK_SEEDS); do \
 	  VMSNAP_KILL_SEED=$$seed VMSNAP_SOAK_TRIALS=$(VMSNAP_SOAK_TRIALS) ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) \
 	    $(VENV)/bin/pytest -p no:cacheprovider -q -s tests/vm/test_kill_trials.py || exit 1; \
+	done
+
+# The native qcow2 reader fuzzed far longer than make test does (tests/unit/plugins/module_utils/test_qcow2_fuzz.py):
+# VMSNAP_FUZZ_CASES mutated real images per seed, VMSNAP_FUZZ_AGREE of the accepted ones compared with qemu-img info.
+# It prints cases/s; a failure names its seed and case (VMSNAP_FUZZ_SEED=S VMSNAP_FUZZ_CASE=i replays it).
+VMSNAP_FUZZ_CASES ?= 500000
+VMSNAP_FUZZ_AGREE ?= 1000
+VMSNAP_FUZZ_SEEDS ?= 1 2 3
+.PHONY: fuzz
+fuzz: deps copy
+	for seed in $(VMSNAP_FUZZ_SEEDS); do \
+	  VMSNAP_FUZZ_SEED=$$seed VMSNAP_FUZZ_CASES=$(VMSNAP_FUZZ_CASES) VMSNAP_FUZZ_AGREE=$(VMSNAP_FUZZ_AGREE) \
+	    PYTHONPATH=$(COLLECTIONS_ROOT) $(VENV)/bin/pytest -p no:cacheprovider -q -s \
+	    $(COLLECTION_COPY)/tests/unit/plugins/module_utils/test_qcow2_fuzz.py || exit 1; \
 	done
 
 # qcow2_snapshot over 1 and 50 images, and qcow2_chain committed/flattened on a 1 GiB chain, against raw qemu-img.
