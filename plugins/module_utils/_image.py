@@ -13,6 +13,8 @@ import datetime
 import typing as t
 from dataclasses import dataclass
 
+from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import VmsnapError
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -119,54 +121,96 @@ class ImageInfo:
         }
 
 
+class ImageDescriptionError(VmsnapError, ValueError):
+    """qemu-img info (or QEMU's query-block) described an image in a shape this collection does not understand."""
+
+
+# The largest second datetime can show (9999-12-31T23:59:59Z).
+_MAX_DATE_SEC = 253402300799
+_NO_DEFAULT = object()
+
+
 def parse_info(data: t.Any, in_use: bool = False) -> ImageInfo:
-    """Parse the JSON of 'qemu-img info' (one object) or of '--backing-chain' (a list, top first)."""
+    """Parse the JSON of 'qemu-img info' (one object) or of '--backing-chain' (a list, top first).
+
+    Anything but the shape qemu-img prints (a missing key, a wrong type, a negative size, a date out of range)
+    raises ImageDescriptionError (a VmsnapError and a ValueError), never KeyError/TypeError/RecursionError.
+    """
     documents = data if isinstance(data, list) else [data]
     if not documents or not all(isinstance(doc, dict) for doc in documents):
-        raise ValueError("qemu-img info JSON is neither an object nor a non-empty list of objects")
+        raise _invalid("the JSON document", "is neither an object nor a non-empty list of objects")
     return ImageInfo(chain=tuple(parse_layer(doc) for doc in documents), in_use=in_use)
 
 
-def parse_layer(doc: dict[str, t.Any]) -> Layer:
-    specific = doc.get("format-specific") or {}
-    specific_data = specific.get("data") or {}
+def parse_layer(doc: t.Any) -> Layer:
+    """One image as qemu-img info and QMP's query-block/query-named-block-nodes ("image") describe it."""
+    if not isinstance(doc, dict):
+        raise _invalid("an image", "is not an object")
+    specific = _field(doc, "format-specific", dict, {})
+    specific_data = _field(specific, "data", dict, {})
     return Layer(
-        filename=str(doc["filename"]),
-        format=str(doc["format"]),
-        virtual_size=int(doc["virtual-size"]),
-        actual_size=_optional_int(doc.get("actual-size")),
-        cluster_size=_optional_int(doc.get("cluster-size")),
-        backing_file=doc.get("backing-filename"),
-        full_backing_file=doc.get("full-backing-filename"),
-        backing_format=doc.get("backing-filename-format"),
-        dirty=bool(doc.get("dirty-flag", False)),
-        corrupt=bool(specific_data.get("corrupt", False)),
-        snapshots=tuple(parse_snapshot(snap) for snap in doc.get("snapshots") or []),
-        bitmaps=tuple(_parse_bitmap(bitmap) for bitmap in specific_data.get("bitmaps") or []),
+        filename=_field(doc, "filename", str),
+        format=_field(doc, "format", str),
+        virtual_size=_count(doc, "virtual-size"),
+        actual_size=_count(doc, "actual-size", None),
+        cluster_size=_count(doc, "cluster-size", None, minimum=1),
+        backing_file=_field(doc, "backing-filename", str, None),
+        full_backing_file=_field(doc, "full-backing-filename", str, None),
+        backing_format=_field(doc, "backing-filename-format", str, None),
+        dirty=_field(doc, "dirty-flag", bool, False),
+        corrupt=_field(specific_data, "corrupt", bool, False),
+        snapshots=tuple(parse_snapshot(snap) for snap in _field(doc, "snapshots", list, [])),
+        bitmaps=tuple(_parse_bitmap(bitmap) for bitmap in _field(specific_data, "bitmaps", list, [])),
     )
 
 
-def parse_snapshot(doc: dict[str, t.Any]) -> Snapshot:
+def parse_snapshot(doc: t.Any) -> Snapshot:
     """One snapshot as qemu-img info and QMP query-block describe it."""
+    if not isinstance(doc, dict):
+        raise _invalid("a snapshot", "is not an object")
+    date_sec = _count(doc, "date-sec", 0)
+    if date_sec > _MAX_DATE_SEC:
+        raise _invalid("a snapshot's 'date-sec'", "is beyond the year 9999")
     return Snapshot(
-        id=str(doc["id"]),
-        name=str(doc["name"]),
-        vm_state_size=int(doc.get("vm-state-size", 0)),
-        date_epoch=int(doc.get("date-sec", 0)) + int(doc.get("date-nsec", 0)) / 1e9,
-        vm_clock=int(doc.get("vm-clock-sec", 0)) + int(doc.get("vm-clock-nsec", 0)) / 1e9,
+        id=_field(doc, "id", str),
+        name=_field(doc, "name", str),
+        vm_state_size=_count(doc, "vm-state-size", 0),
+        date_epoch=date_sec + _count(doc, "date-nsec", 0) / 1e9,
+        vm_clock=_count(doc, "vm-clock-sec", 0) + _count(doc, "vm-clock-nsec", 0) / 1e9,
     )
 
 
-def _parse_bitmap(doc: dict[str, t.Any]) -> Bitmap:
-    return Bitmap(
-        name=str(doc["name"]),
-        granularity=int(doc.get("granularity", 0)),
-        flags=tuple(str(flag) for flag in doc.get("flags") or []),
-    )
+def _parse_bitmap(doc: t.Any) -> Bitmap:
+    if not isinstance(doc, dict):
+        raise _invalid("a bitmap", "is not an object")
+    flags = _field(doc, "flags", list, [])
+    if not all(isinstance(flag, str) for flag in flags):
+        raise _invalid("a bitmap's 'flags'", "holds something other than strings")
+    return Bitmap(name=_field(doc, "name", str), granularity=_count(doc, "granularity", 0), flags=tuple(flags))
 
 
-def _optional_int(value: t.Any) -> int | None:
-    return None if value is None else int(value)
+def _field(doc: dict[str, t.Any], key: str, kind: type, default: t.Any = _NO_DEFAULT) -> t.Any:
+    """doc[key] when it has the expected JSON type; default when absent or null (a required key has none)."""
+    value = doc.get(key)
+    if value is None:
+        if default is _NO_DEFAULT:
+            raise _invalid(f"the key {key!r}", "is missing")
+        return default
+    # bool is an int in Python, never in JSON.
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise _invalid(f"the key {key!r}", f"is a {type(value).__name__}, not a {kind.__name__}")
+    return value
+
+
+def _count(doc: dict[str, t.Any], key: str, default: t.Any = _NO_DEFAULT, minimum: int = 0) -> t.Any:
+    value = _field(doc, key, int, default)
+    if value is not None and value < minimum:
+        raise _invalid(f"the key {key!r}", f"is below {minimum}")
+    return value
+
+
+def _invalid(what: str, problem: str) -> ImageDescriptionError:
+    return ImageDescriptionError(f"Unexpected image description from qemu-img or QEMU: {what} {problem}.")
 
 
 def metadata_update_reserve(layer: Layer, extra_snapshots: int = 1) -> int:
@@ -176,7 +220,7 @@ def metadata_update_reserve(layer: Layer, extra_snapshots: int = 1) -> int:
     the refcount structures. qemu-img does not roll back on ENOSPC (it leaks clusters), so callers
     refuse to start when less than this is free.
     """
-    cluster = layer.cluster_size or 65536
+    cluster = layer.cluster_size if layer.cluster_size and layer.cluster_size >= 512 else 65536
     l2_entries = cluster // 8
     l1_entries = -(-layer.virtual_size // (cluster * l2_entries))
     l1_clusters = -(-(l1_entries * 8) // cluster)
