@@ -66,10 +66,17 @@ def vm_lock_file_for(socket_path: str, lock_dir: str) -> str:
 def prepare_lock_dir(directory: str) -> None:
     """Create the folder (0700) or check that it is a folder of this user's, and set its mode to 0700."""
     parent = os.path.dirname(directory)
-    if parent and not os.path.isdir(parent):
-        os.makedirs(parent, mode=0o755, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
+    try:
+        if parent and not os.path.isdir(parent):
+            os.makedirs(parent, mode=0o755, exist_ok=True)
         os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass  # an existing folder is checked below; a file in the way is refused there
+    except OSError as exc:
+        raise LockFolderError(
+            f"The lock folder {directory} cannot be created or opened: {exc.strerror}. Nothing was changed.",
+            lock_dir=directory,
+        ) from None
     try:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
@@ -80,22 +87,33 @@ def prepare_lock_dir(directory: str) -> None:
                 lock_dir=directory,
             ) from None
         raise LockFolderError(
-            f"The lock folder {directory} cannot be opened: {exc.strerror}. Nothing was changed.", lock_dir=directory
+            f"The lock folder {directory} cannot be created or opened: {exc.strerror}. Nothing was changed.",
+            lock_dir=directory,
         ) from None
     try:
-        info = os.fstat(fd)
-        if info.st_uid != os.geteuid():
-            raise LockFolderError(
-                f"The lock folder {directory} belongs to uid {info.st_uid}, not to this task's user (uid "
-                f"{os.geteuid()}): refusing to use it, since its owner could plant links or hold locks there. "
-                "Nothing was changed; remove it.",
-                lock_dir=directory,
-                owner_uid=info.st_uid,
-            )
-        if stat.S_IMODE(info.st_mode) != 0o700:
-            os.fchmod(fd, 0o700)  # the umask cut it, or an older release made it 1777
+        _check_lock_dir(fd, directory)
     finally:
         os.close(fd)
+
+
+def _check_lock_dir(fd: int, directory: str) -> None:
+    info = os.fstat(fd)
+    if info.st_uid != os.geteuid():
+        raise LockFolderError(
+            f"The lock folder {directory} belongs to uid {info.st_uid}, not to this task's user (uid "
+            f"{os.geteuid()}): refusing to use it, since its owner could plant links or hold locks there. "
+            "Nothing was changed; remove it.",
+            lock_dir=directory,
+            owner_uid=info.st_uid,
+        )
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        try:
+            os.fchmod(fd, 0o700)  # the umask cut it, or an older release made it 1777
+        except OSError as exc:
+            raise LockFolderError(
+                f"The lock folder {directory} cannot be made private (mode 0700): {exc.strerror}. Nothing was changed.",
+                lock_dir=directory,
+            ) from None
 
 
 def holder_of(lock_path: str) -> str:
@@ -198,7 +216,8 @@ def _open_lock_file(lock_path: str) -> int:
                 lock_file=lock_path,
             )
         if stat.S_IMODE(info.st_mode) != 0o600:
-            os.fchmod(fd, 0o600)
+            with contextlib.suppress(OSError):  # only cosmetic: the folder is private already
+                os.fchmod(fd, 0o600)
     except BaseException:
         os.close(fd)
         raise

@@ -224,3 +224,19 @@ def test_acquire_and_release_count(tmp_path) -> None:
     release(lock)
     assert not os.path.exists(lock)
     release(lock)  # releasing what is not held is harmless
+
+
+def test_a_folder_that_cannot_be_made_and_a_lock_file_that_cannot_be_opened(tmp_path) -> None:
+    too_long = str(tmp_path / ("x" * 300))
+    with pytest.raises(LockFolderError, match="cannot be created or opened: File name too long. Nothing was changed"):
+        _lock_once(str(tmp_path / "a.qcow2"), too_long)
+    locks = tmp_path / "locks"
+    locks.mkdir(mode=0o700)
+    os.mkdir(lock_file_for(str(tmp_path / "a.qcow2"), str(locks)))  # a folder where the lock file belongs
+    with pytest.raises(LockFolderError, match="The lock file .* cannot be opened: Is a directory. Nothing was changed"):
+        _lock_once(str(tmp_path / "a.qcow2"), str(locks))
+    file_in_the_way = tmp_path / "file"
+    file_in_the_way.write_bytes(b"x")
+    with pytest.raises(LockFolderError, match="is not a plain folder"):
+        _lock_once(str(tmp_path / "a.qcow2"), str(file_in_the_way))
+    assert file_in_the_way.read_bytes() == b"x"

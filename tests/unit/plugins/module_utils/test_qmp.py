@@ -449,6 +449,17 @@ def test_an_endless_line_is_cut_off_at_the_cap(serve, monkeypatch) -> None:
     assert qmp._sock is None  # closed: the rest of the stream is never read
 
 
+def test_a_message_longer_than_the_cap_is_refused(serve, monkeypatch) -> None:
+    monkeypatch.setattr(_qmp, "MAX_MESSAGE_BYTES", 1 << 20)
+    long_reply = b'{"return": "' + b"x" * ((1 << 20) + 10) + b'", "id": ID}\n'
+    qmp = QmpClient(_raw(serve, long_reply).path, command_timeout=10, lock_timeout=None)
+    qmp.connect()
+    expected = "sent (a message of )?more than 1048576 bytes .*The connection was closed"
+    with pytest.raises(QmpConnectionError, match=expected):
+        qmp.execute("query-status")
+    assert qmp._sock is None
+
+
 def test_the_cap_is_above_the_largest_real_message() -> None:
     largest = (16 << 20) * 4 // 3  # a guest agent's guest-exec-status output, base64
     assert 2 * largest < _qmp.MAX_MESSAGE_BYTES
