@@ -43,6 +43,16 @@ def real(path: str) -> str:
     return os.path.realpath(path)
 
 
+def _identity(path: str) -> tuple[int, int] | str:
+    """The file a name leads to: device and inode (one stat, where realpath costs an lstat per path component,
+    which made half of a 5,000-image dependants scan), or the real path of a name that leads nowhere."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return real(path)
+    return (st.st_dev, st.st_ino)
+
+
 def flatten_temp_path(path: str) -> str:
     """A fixed name beside path, so a run that was killed leaves at most one stale folder, removed next time."""
     return os.path.join(os.path.dirname(path), "." + os.path.basename(path) + TEMP_SUFFIX)
@@ -68,7 +78,7 @@ def find_dependants(qemu_img: QemuImg, target: str, search_dirs: list[str]) -> l
 def scan_dependants(qemu_img: QemuImg, target: str, search_dirs: list[str]) -> Dependants:
     """Images in search_dirs (not recursive) whose backing file is target, and those whose backing file could not be
     read (they may be dependants: a caller that deletes or rewrites target refuses them unless forced)."""
-    wanted = real(target)
+    wanted = _identity(target)
     result = Dependants()
     for folder in search_dirs:
         try:
@@ -76,11 +86,11 @@ def scan_dependants(qemu_img: QemuImg, target: str, search_dirs: list[str]) -> D
         except OSError as exc:
             raise ValidationError(f"Cannot list search_dirs entry {folder}: {exc.strerror}.") from None
         for entry in entries:
-            if entry.name.endswith(TEMP_SUFFIX) or not entry.is_file() or real(entry.path) == wanted:
+            if entry.name.endswith(TEMP_SUFFIX) or not entry.is_file() or _identity(entry.path) == wanted:
                 continue
             try:
                 backing = _backing_of(qemu_img, entry.path)
-                if backing is not None and real(backing) == wanted:
+                if backing is not None and _identity(backing) == wanted:
                     result.found.append(entry.path)
             except (VmsnapError, OSError, ValueError):
                 # ValueError: a backing name with a NUL byte ("embedded null byte"); QEMU cannot use it either
