@@ -125,6 +125,7 @@ all:
 """
 
 import base64
+import binascii
 import contextlib
 import os
 import tempfile
@@ -165,6 +166,42 @@ class QgaCommandTimeout(AnsibleError):
     """A command outlived the timeout; it may still run in the guest."""
 
 
+def _shown(value: t.Any) -> str:
+    """An odd value from the agent, short enough for a message."""
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def reply_object(reply: t.Any, command: str, what: str) -> dict[str, t.Any]:
+    """The agent's reply when it is the JSON object the command returns; anything else fails the task."""
+    if not isinstance(reply, dict):
+        raise AnsibleError(f"{what}: qemu-guest-agent answered {command} with {_shown(reply)} instead of an object.")
+    return reply
+
+
+def reply_int(value: t.Any, field: str, command: str, what: str) -> int:
+    """An integer field of a reply (JSON true/false are not integers here)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise AnsibleError(
+            f"{what}: qemu-guest-agent answered {command} with {field} = {_shown(value)}, not an integer."
+        )
+    return value
+
+
+def reply_base64(value: t.Any, field: str, command: str, what: str) -> bytes:
+    """A base64 field of a reply, decoded strictly (a missing field is no data)."""
+    if value is None:
+        return b""
+    try:
+        if not isinstance(value, str):
+            raise ValueError("not a string")
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise AnsibleError(
+            f"{what}: qemu-guest-agent answered {command} with {field} = {_shown(value)}, which is not base64."
+        ) from None
+
+
 def exec_arguments(cmd: str, in_data: bytes | None) -> dict[str, t.Any]:
     """guest-exec's arguments: the command through /bin/sh, output captured, in_data (if any) on its stdin."""
     arguments: dict[str, t.Any] = {"path": SHELL, "arg": ["-c", cmd], "capture-output": True}
@@ -178,10 +215,12 @@ def decode_exec_status(status: dict[str, t.Any], pid: int) -> tuple[int, bytes, 
 
     A process killed by a signal gets 128 + the signal number, as POSIX shells report it.
     """
-    if not status.get("exited"):
+    what = f"Cannot read the result of guest process {pid}"
+    status = reply_object(status, "guest-exec-status", what)
+    if status.get("exited") is not True:
         raise AnsibleError(f"Guest process {pid} has not exited yet; its status cannot be decoded.")
-    stdout = base64.b64decode(status.get("out-data", ""), validate=True)
-    stderr = base64.b64decode(status.get("err-data", ""), validate=True)
+    stdout = reply_base64(status.get("out-data"), "out-data", "guest-exec-status", what)
+    stderr = reply_base64(status.get("err-data"), "err-data", "guest-exec-status", what)
     cut = [name for name in ("out", "err") if status.get(f"{name}-truncated")]
     if cut:
         streams = " and ".join({"out": "standard output", "err": "standard error"}[name] for name in cut)
@@ -192,9 +231,9 @@ def decode_exec_status(status: dict[str, t.Any], pid: int) -> tuple[int, bytes, 
             "Its output is not returned in part: write it to a file in the guest and fetch that instead.",
         )
     if "exitcode" in status:
-        return int(status["exitcode"]), stdout, stderr
+        return reply_int(status["exitcode"], "exitcode", "guest-exec-status", what), stdout, stderr
     if "signal" in status:
-        return 128 + int(status["signal"]), stdout, stderr
+        return 128 + reply_int(status["signal"], "signal", "guest-exec-status", what), stdout, stderr
     raise AnsibleError(f"qemu-guest-agent reported no exit code and no signal for guest process {pid}: {status!r}")
 
 
@@ -205,7 +244,9 @@ def next_poll_delay(delay: float) -> float:
 
 def missing_commands(info: dict[str, t.Any], wanted: t.Iterable[str]) -> list[str]:
     """The commands of wanted that guest-info does not list as enabled."""
-    enabled = {c.get("name") for c in info.get("supported_commands", []) if c.get("enabled", True)}
+    listed = info.get("supported_commands") if isinstance(info, dict) else None
+    entries = listed if isinstance(listed, list) else []
+    enabled = {c.get("name") for c in entries if isinstance(c, dict) and c.get("enabled", True) is not False}
     return [name for name in wanted if name not in enabled]
 
 
@@ -240,10 +281,17 @@ class Connection(ConnectionBase):
         agent = GuestAgentClient(path, connect_timeout=connect_timeout, command_timeout=self._request_timeout())
         try:
             agent.connect()
-            self._guest_info = agent.execute("guest-info", timeout=connect_timeout) or {}
+            info = agent.execute("guest-info", timeout=connect_timeout)
         except VmsnapError as exc:
             agent.close()
             raise AnsibleConnectionFailure(f"Cannot reach the guest agent of {self._host}: {exc.msg}") from None
+        if not isinstance(info, dict):
+            agent.close()
+            raise AnsibleConnectionFailure(
+                f"Cannot use the guest agent of {self._host}: it answered guest-info with {_shown(info)} instead "
+                "of an object."
+            )
+        self._guest_info = info
         self._agent = agent
         self._connected = True
         version = self._guest_info.get("version", "unknown")
@@ -297,10 +345,15 @@ class Connection(ConnectionBase):
         display.vvv(f"EXEC {cmd}", host=self._host)
         timeout = float(self.get_option("command_timeout"))
         started = time.monotonic()
-        pid = int(self._request("guest-exec", exec_arguments(cmd, in_data), "Cannot start the command")["pid"])
+        what = "Cannot start the command"
+        started_reply = reply_object(
+            self._request("guest-exec", exec_arguments(cmd, in_data), what), "guest-exec", what
+        )
+        pid = reply_int(started_reply.get("pid"), "pid", "guest-exec", what)
         delay = POLL_FIRST
         while True:
-            status = self._request("guest-exec-status", {"pid": pid}, f"Cannot follow guest process {pid}")
+            what = f"Cannot follow guest process {pid}"
+            status = reply_object(self._request("guest-exec-status", {"pid": pid}, what), "guest-exec-status", what)
             if status.get("exited"):
                 break
             elapsed = time.monotonic() - started
@@ -326,19 +379,24 @@ class Connection(ConnectionBase):
             raise AnsibleFileNotFound(f"file or module does not exist: {in_path}")
         self._require(FILE_COMMANDS, f"Cannot copy {in_path} to {out_path}")
         what = f"Cannot write {out_path} in the guest"
-        handle = self._request("guest-file-open", {"path": out_path, "mode": "wb"}, what)
+        handle = reply_int(
+            self._request("guest-file-open", {"path": out_path, "mode": "wb"}, what), "handle", "guest-file-open", what
+        )
         written = 0
         try:
             with open(b_in_path, "rb") as source:
                 for chunk in iter(lambda: source.read(CHUNK_SIZE), b""):
                     arguments = {"handle": handle, "buf-b64": base64.b64encode(chunk).decode("ascii")}
-                    count = int(self._request("guest-file-write", arguments, what).get("count", -1))
+                    wrote = reply_object(self._request("guest-file-write", arguments, what), "guest-file-write", what)
+                    count = reply_int(wrote.get("count"), "count", "guest-file-write", what)
                     if count != len(chunk):
                         raise AnsibleError(f"{what}: the agent wrote {count} of {len(chunk)} bytes at {written}.")
                     written += count
             self._request("guest-file-flush", {"handle": handle}, what)
             end = self._request("guest-file-seek", {"handle": handle, "offset": 0, "whence": "end"}, what)
-            size = int(end.get("position", -1))
+            size = reply_int(
+                reply_object(end, "guest-file-seek", what).get("position"), "position", "guest-file-seek", what
+            )
         except BaseException:
             self._close_quietly(handle)
             raise
@@ -359,20 +417,29 @@ class Connection(ConnectionBase):
         fd, b_part = tempfile.mkstemp(dir=folder, prefix=b"." + os.path.basename(b_out_path) + b".", suffix=b".part")
         handle = None
         try:
-            handle = self._request("guest-file-open", {"path": in_path, "mode": "rb"}, what)
+            opened = self._request("guest-file-open", {"path": in_path, "mode": "rb"}, what)
+            handle = reply_int(opened, "handle", "guest-file-open", what)
             umask = os.umask(0o022)
             os.umask(umask)
             os.fchmod(fd, 0o666 & ~umask)  # the mode any other connection's download gets, not mkstemp's 0600
             with os.fdopen(fd, "wb") as target:
                 received = 0
                 while True:
-                    reply = self._request("guest-file-read", {"handle": handle, "count": CHUNK_SIZE}, what)
-                    data = base64.b64decode(reply.get("buf-b64", ""), validate=True)
-                    if len(data) != int(reply.get("count", -1)):
-                        raise AnsibleError(f"{what}: the agent said {reply.get('count')} bytes but sent {len(data)}.")
+                    read = self._request("guest-file-read", {"handle": handle, "count": CHUNK_SIZE}, what)
+                    reply = reply_object(read, "guest-file-read", what)
+                    data = reply_base64(reply.get("buf-b64"), "buf-b64", "guest-file-read", what)
+                    count = reply_int(reply.get("count"), "count", "guest-file-read", what)
+                    if len(data) != count:
+                        raise AnsibleError(f"{what}: the agent said {count} bytes but sent {len(data)}.")
+                    eof = reply.get("eof")
+                    if not isinstance(eof, bool):
+                        raise AnsibleError(
+                            f"{what}: qemu-guest-agent answered guest-file-read with eof = {_shown(eof)}, not true or "
+                            "false."
+                        )
                     target.write(data)
                     received += len(data)
-                    if reply.get("eof"):
+                    if eof:
                         break
                     if not data:
                         raise AnsibleError(f"{what}: the agent returned no data and no end of file at {received}.")

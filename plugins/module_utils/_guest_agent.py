@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import random
 import time
+import typing as t
 
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import VmsnapError
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient, QmpTimeoutError
@@ -70,6 +71,12 @@ class GuestFreezer:
         """Fail now, before any snapshot, when the agent cannot freeze or the guest is already frozen."""
         status = self.agent.execute("guest-fsfreeze-status", timeout=self.timeout)
         if status != "thawed":
+            if status not in ("frozen", "freezing", "thawing"):
+                raise GuestAgentError(
+                    f"The guest agent answered guest-fsfreeze-status with {status!r:.200}, not thawed or frozen; "
+                    "not freezing a guest whose state is unknown.",
+                    guest_fsfreeze_status=status,
+                )
             raise GuestAgentError(
                 f"The guest's file systems are already {status} (someone else froze them); not freezing again.",
                 guest_fsfreeze_status=status,
@@ -77,7 +84,7 @@ class GuestFreezer:
 
     def freeze(self) -> int:
         try:
-            return int(self.agent.execute("guest-fsfreeze-freeze", timeout=self.timeout))
+            return fs_count(self.agent.execute("guest-fsfreeze-freeze", timeout=self.timeout), "guest-fsfreeze-freeze")
         except VmsnapError as exc:
             # A freeze that failed half-way can leave some file systems frozen.
             msg = f"The guest agent could not freeze the file systems: {exc.msg}"
@@ -92,7 +99,18 @@ class GuestFreezer:
             raise GuestAgentError(msg) from None
 
     def thaw(self) -> int:
-        return int(self.agent.execute("guest-fsfreeze-thaw", timeout=self.timeout))
+        return fs_count(self.agent.execute("guest-fsfreeze-thaw", timeout=self.timeout), "guest-fsfreeze-thaw")
+
+
+def fs_count(reply: t.Any, command: str) -> int:
+    """The number of file systems a freeze or thaw acted on; any other reply leaves the guest's state unknown."""
+    if isinstance(reply, bool) or not isinstance(reply, int) or reply < 0:
+        raise GuestAgentError(
+            f"The guest agent answered {command} with {reply!r:.200} instead of a number of file systems, so "
+            "whether the guest's file systems are frozen is unknown",
+            agent_reply=reply,
+        )
+    return reply
 
 
 class GuestAgentError(VmsnapError):

@@ -391,3 +391,123 @@ def test_a_large_output_comes_back_whole(connect: Connect) -> None:
     rc, stdout, stderr = connection.exec_command("cat big")
     assert (rc, stdout == out, stderr) == (0, True, b"")
     assert time.monotonic() - started < 10
+
+
+# --- odd replies: a task failure naming the command and the field, never a traceback -----------------------------
+
+ODD_STATUSES = {
+    "not-an-object": (["exited"], "guest-exec-status with ['exited'] instead of an object"),
+    "exitcode-string": ({"exited": True, "exitcode": "0"}, "exitcode = '0', not an integer"),
+    "exitcode-null": ({"exited": True, "exitcode": None}, "exitcode = None, not an integer"),
+    "exitcode-bool": ({"exited": True, "exitcode": True}, "exitcode = True, not an integer"),
+    "signal-float": ({"exited": True, "signal": 9.5}, "signal = 9.5, not an integer"),
+    "out-not-base64": ({"exited": True, "exitcode": 0, "out-data": "%%%"}, "out-data = '%%%', which is not base64"),
+    "err-not-a-string": ({"exited": True, "exitcode": 0, "err-data": 12}, "err-data = 12, which is not base64"),
+    "out-not-ascii": ({"exited": True, "exitcode": 0, "out-data": "ä"}, "out-data = 'ä', which is not base64"),
+}
+
+
+@pytest.mark.parametrize(("status", "expected"), list(ODD_STATUSES.values()), ids=list(ODD_STATUSES))
+def test_an_odd_exec_status_is_a_task_failure(status: t.Any, expected: str) -> None:
+    with pytest.raises(AnsibleError) as info:
+        qga.decode_exec_status(status, 42)
+    assert type(info.value) is AnsibleError
+    assert info.value.message.startswith("Cannot read the result of guest process 42: qemu-guest-agent answered ")
+    assert expected in info.value.message
+
+
+class OddGuest(FakeGuest):
+    """A FakeGuest whose reply to one command is replaced by `odd`."""
+
+    def __init__(self, command: str, odd: t.Any) -> None:
+        super().__init__()
+        self.odd_command = command
+        self.odd = odd
+
+    def __call__(self, message: Message, server: FakeAgent) -> list[bytes] | None:
+        if message["execute"] == self.odd_command:
+            if self.odd_command in ("guest-file-read", "guest-file-write"):
+                super().__call__(message, server)  # move the file position as the real agent would
+            return [reply(message, self.odd)]
+        return super().__call__(message, server)
+
+
+@pytest.mark.parametrize(
+    ("odd", "expected"),
+    [
+        ({}, "Cannot start the command: qemu-guest-agent answered guest-exec with pid = None, not an integer."),
+        ({"pid": "12"}, "Cannot start the command: qemu-guest-agent answered guest-exec with pid = '12', not an"),
+        (None, "Cannot start the command: qemu-guest-agent answered guest-exec with None instead of an object."),
+    ],
+)
+def test_an_odd_guest_exec_reply_is_a_task_failure(connect: Connect, odd: t.Any, expected: str) -> None:
+    connection, server = connect(OddGuest("guest-exec", odd))
+    with pytest.raises(AnsibleError) as info:
+        connection.exec_command("true")
+    assert not isinstance(info.value, AnsibleConnectionFailure)
+    assert info.value.message.startswith(expected)
+    assert "guest-exec-status" not in server.commands()
+
+
+def test_an_odd_status_while_polling_is_a_task_failure(connect: Connect) -> None:
+    connection, dummy = connect(OddGuest("guest-exec-status", "running"))
+    with pytest.raises(AnsibleError, match="Cannot follow guest process 1000: qemu-guest-agent answered "):
+        connection.exec_command("true")
+
+
+@pytest.mark.parametrize(
+    ("odd", "expected"),
+    [
+        ({"count": "5", "buf-b64": b64(b"hello"), "eof": True}, "guest-file-read with count = '5', not an integer"),
+        ({"count": 5, "buf-b64": "not base64!", "eof": True}, "guest-file-read with buf-b64 = 'not base64!', which"),
+        ({"count": 5, "buf-b64": b64(b"hello"), "eof": "yes"}, "guest-file-read with eof = 'yes', not true or false"),
+        ({"count": 5, "buf-b64": b64(b"hello")}, "guest-file-read with eof = None, not true or false"),
+        ([1, 2], "guest-file-read with [1, 2] instead of an object"),
+    ],
+    ids=["count-string", "buf-not-base64", "eof-string", "eof-missing", "list"],
+)
+def test_an_odd_file_read_reply_fails_and_leaves_nothing_behind(
+    connect: Connect, tmp_path: pathlib.Path, odd: t.Any, expected: str
+) -> None:
+    guest = OddGuest("guest-file-read", odd)
+    guest.files["/etc/motd"] = b"hello"
+    connection, dummy = connect(guest)
+    with pytest.raises(AnsibleError) as info:
+        connection.fetch_file("/etc/motd", str(tmp_path / "out"))
+    assert not isinstance(info.value, AnsibleConnectionFailure)
+    assert info.value.message.startswith("Cannot read /etc/motd from the guest: qemu-guest-agent answered ")
+    assert expected in info.value.message
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".sock")] == []
+    assert not any(h["open"] for h in guest.handles.values())
+
+
+@pytest.mark.parametrize(
+    ("command", "odd", "expected"),
+    [
+        ("guest-file-open", "500", "guest-file-open with handle = '500', not an integer"),
+        ("guest-file-write", {"count": None}, "guest-file-write with count = None, not an integer"),
+        ("guest-file-seek", {"position": "2"}, "guest-file-seek with position = '2', not an integer"),
+    ],
+)
+def test_an_odd_file_write_reply_is_a_task_failure(
+    connect: Connect, tmp_path: pathlib.Path, command: str, odd: t.Any, expected: str
+) -> None:
+    (tmp_path / "src").write_bytes(b"data")
+    guest = OddGuest(command, odd)
+    connection, dummy = connect(guest)
+    with pytest.raises(AnsibleError) as info:
+        connection.put_file(str(tmp_path / "src"), "/tmp/dest")
+    assert not isinstance(info.value, AnsibleConnectionFailure)
+    assert info.value.message.startswith("Cannot write /tmp/dest in the guest: qemu-guest-agent answered ")
+    assert expected in info.value.message
+
+
+def test_an_odd_guest_info_makes_the_host_unreachable(connect: Connect) -> None:
+    connection, dummy = connect(OddGuest("guest-info", ["guest-exec"]))
+    with pytest.raises(AnsibleConnectionFailure, match=r"answered guest-info with \['guest-exec'\] instead of an"):
+        connection.exec_command("true")
+
+
+def test_odd_supported_commands_count_as_not_allowed() -> None:
+    assert qga.missing_commands({"supported_commands": "all"}, ["guest-exec"]) == ["guest-exec"]
+    assert qga.missing_commands({"supported_commands": ["guest-exec", None]}, ["guest-exec"]) == ["guest-exec"]

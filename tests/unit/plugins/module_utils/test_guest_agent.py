@@ -118,6 +118,13 @@ class FakeAgent:
             self.conn.close()
 
 
+class Odd:
+    """An answer Agent sends as it is (a plain str would be an error description)."""
+
+    def __init__(self, value: t.Any) -> None:
+        self.value = value
+
+
 class Agent:
     """A well-behaved agent: syncs, reports fsfreeze status, freezes and thaws (or fails as told)."""
 
@@ -145,7 +152,7 @@ class Agent:
                 self.status = "frozen"
             else:
                 self.status = "thawed"
-            return [reply(message, outcome)]
+            return [reply(message, outcome.value if isinstance(outcome, Odd) else outcome)]
         return [error(message, f"The command {command} has not been found")]
 
 
@@ -376,3 +383,68 @@ def test_a_freeze_that_never_answers_is_thawed_and_reported(serve: Serve) -> Non
         agent.close()
     assert time.monotonic() - started < 3
     assert server.commands() == ["guest-sync-delimited", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+
+
+# --- odd replies -------------------------------------------------------------------------------------------------
+
+ODD_COUNTS = ["2", None, True, -1, 2.0, {"count": 2}, [2]]
+
+
+@pytest.mark.parametrize("odd", ODD_COUNTS, ids=[repr(v) for v in ODD_COUNTS])
+def test_an_odd_freeze_reply_is_an_error_and_the_guest_is_thawed(serve: Serve, odd: t.Any) -> None:
+    state = Agent(freeze=Odd(odd), thaw=2)
+    server = serve(state)
+    agent = connected(server)
+    try:
+        with pytest.raises(GuestAgentError) as info:
+            GuestFreezer(agent, timeout=5).freeze()
+    finally:
+        agent.close()
+    assert info.value.msg == (
+        "The guest agent could not freeze the file systems: The guest agent answered guest-fsfreeze-freeze with "
+        f"{odd!r} instead of a number of file systems, so whether the guest's file systems are frozen is unknown"
+    )
+    assert server.commands() == ["guest-sync-delimited", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+    assert state.status == "thawed"
+
+
+@pytest.mark.parametrize("odd", ODD_COUNTS, ids=[repr(v) for v in ODD_COUNTS])
+def test_an_odd_thaw_reply_is_an_error(serve: Serve, odd: t.Any) -> None:
+    server = serve(Agent(thaw=Odd(odd)))
+    agent = connected(server)
+    try:
+        with pytest.raises(GuestAgentError) as info:
+            GuestFreezer(agent, timeout=5).thaw()
+    finally:
+        agent.close()
+    assert "answered guest-fsfreeze-thaw with" in info.value.msg and "is unknown" in info.value.msg
+    assert info.value.details == {"agent_reply": odd}
+
+
+@pytest.mark.parametrize("odd", [None, 1, {"status": "thawed"}, "THAWED"])
+def test_an_odd_freeze_status_refuses_to_freeze(serve: Serve, odd: t.Any) -> None:
+    server = serve(Agent(status=odd))
+    agent = connected(server)
+    try:
+        with pytest.raises(GuestAgentError) as info:
+            GuestFreezer(agent, timeout=5).probe()
+    finally:
+        agent.close()
+    assert info.value.msg == (
+        f"The guest agent answered guest-fsfreeze-status with {odd!r}, not thawed or frozen; not freezing a guest "
+        "whose state is unknown."
+    )
+    assert server.commands() == ["guest-sync-delimited", "guest-fsfreeze-status"]
+
+
+def test_a_sync_reply_with_the_wrong_id_type_is_not_taken_for_the_answer(serve: Serve) -> None:
+    def handler(message: Message, server: FakeAgent) -> list[bytes] | None:
+        if message["execute"] == "guest-sync-delimited":
+            return [b"\xff" + reply(message, str(message["arguments"]["id"]))]
+        return []
+
+    server = serve(handler)
+    started = time.monotonic()
+    with pytest.raises(QmpTimeoutError, match="did not answer within 0.5 s"):
+        connected(server, connect_timeout=0.5)
+    assert time.monotonic() - started < 3

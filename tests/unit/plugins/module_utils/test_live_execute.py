@@ -22,7 +22,11 @@ import pytest
 
 from ansible_collections.vmsnap.qemu.plugins.module_utils import _live, _live_execute
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import VmsnapError
-from ansible_collections.vmsnap.qemu.plugins.module_utils._guest_agent import GuestAgentError
+from ansible_collections.vmsnap.qemu.plugins.module_utils._guest_agent import (
+    GuestAgentClient,
+    GuestAgentError,
+    GuestFreezer,
+)
 from ansible_collections.vmsnap.qemu.plugins.module_utils._live import (
     LivePlan,
     LiveRequest,
@@ -40,6 +44,7 @@ from ansible_collections.vmsnap.qemu.tests.unit.plugins.module_utils.qmp_fakes i
     qmp_error,
     reply,
 )
+from ansible_collections.vmsnap.qemu.tests.unit.plugins.module_utils.test_guest_agent import Agent, FakeAgent, Odd
 
 AGENT = "/run/vms/web01.qga"  # only planned with, never connected to: the freezer is a fake
 
@@ -465,6 +470,30 @@ def test_a_failed_thaw_after_a_good_snapshot_says_the_snapshot_was_taken(connect
     assert info.value.details == {"snapshot_taken": True}
     assert info.value.msg.startswith(f"The snapshot was taken, but thawing the guest file systems failed: {THAW_ERROR}")
     assert "guest-fsfreeze-thaw" in info.value.msg
+
+
+def test_an_odd_thaw_reply_after_a_good_snapshot_keeps_the_fact(connect, live, tmp_path) -> None:
+    # The real GuestFreezer against a fake agent whose thaw answer is not a count: before, int() raised a
+    # ValueError out of execute_live and the task lost the fact that the snapshot exists.
+    journal: list[str] = []
+    server, qmp = connect(FakeVm(journal=journal))
+    agent_server = FakeAgent(str(tmp_path / "qga.sock"), Agent(thaw=Odd("thawed")))
+    agent = GuestAgentClient(agent_server.path, 5.0, 5.0)
+    try:
+        agent.connect()
+        with pytest.raises(LiveSnapshotError) as info:
+            execute_live(qmp, _quiesced_plan(live), GuestFreezer(agent, 5.0))
+    finally:
+        agent.close()
+        agent_server.close()
+    assert journal == ["transaction"]
+    assert agent_server.commands() == ["guest-sync-delimited", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+    assert info.value.details == {"snapshot_taken": True}
+    assert info.value.msg == (
+        "The snapshot was taken, but thawing the guest file systems failed: The guest agent answered "
+        "guest-fsfreeze-thaw with 'thawed' instead of a number of file systems, so whether the guest's file systems "
+        "are frozen is unknown. The guest may still be frozen; thaw it with guest-fsfreeze-thaw."
+    )
 
 
 def test_a_failed_freeze_takes_no_snapshot(connect, live) -> None:
