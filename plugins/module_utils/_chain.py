@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 import struct
 import time
 import typing as t
@@ -389,7 +390,8 @@ def create_overlay(qemu_img: QemuImg, plan: ChainPlan) -> None:
         qemu_img.create_overlay(temp, t.cast(str, plan.backing), t.cast(str, plan.backing_format), plan.size)
         try:
             backing = os.stat(t.cast(str, plan.backing))
-            set_mode(temp, backing.st_mode & 0o777, (backing.st_uid, backing.st_gid))
+            # an overlay takes the guest's writes: a read-only golden image (0444) must not give a read-only overlay
+            set_mode(temp, (backing.st_mode & 0o777) | stat.S_IWUSR, (backing.st_uid, backing.st_gid))
             fsync_file(temp)
             link_new(temp, plan.path)  # the file system must support hard links
         except OSError as exc:

@@ -45,8 +45,9 @@ options:
   state:
     description:
       - V(present) creates O(path) as an overlay on O(backing), unless it already is one. The new file gets
-        O(backing)'s permission bits (and, when the task runs as root, its owner and group), set explicitly so
-        the umask does not cut them. It is created exclusively; a file or symlink that appears at O(path) makes
+        O(backing)'s permission bits plus write permission for the owner (a read-only golden image still gives a
+        writable overlay), and, when the task runs as root, O(backing)'s owner and group; they are set explicitly
+        so the umask does not cut them. It is created exclusively; a file or symlink that appears at O(path) makes
         the task fail without following it.
       - V(absent) deletes the overlay O(path). It refuses standalone images and overlays that other images in
         O(search_dirs) use as their backing file.

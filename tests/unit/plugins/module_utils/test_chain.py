@@ -206,6 +206,22 @@ def test_overlay_gets_the_backing_files_mode_whatever_the_umask(qemu_img: QemuIm
     assert qemu_img.info(overlay).filenames() == [overlay, base]
 
 
+def test_an_overlay_on_a_read_only_golden_image_is_writable_by_its_owner(qemu_img: QemuImg, vms: Path) -> None:
+    base = make(vms / "base.qcow2")
+    os.chmod(base, 0o444)
+    overlay = str(vms / "overlay.qcow2")
+    execute_chain(
+        qemu_img,
+        plan_chain(qemu_img, request(overlay, "present", backing=base)),
+        keep=False,
+        compress=False,
+        unsafe=False,
+        verify=True,
+    )
+    assert stat.S_IMODE(os.stat(overlay).st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(base).st_mode) == 0o444
+
+
 @pytest.mark.parametrize("leftover", ["symlink", "file", "folder"])
 def test_flatten_removes_what_sits_at_its_temp_name_without_following_it(
     qemu_img: QemuImg, vms: Path, target: Path, leftover: str
