@@ -169,14 +169,22 @@ def parse_snapshot(doc: t.Any) -> Snapshot:
     if not isinstance(doc, dict):
         raise _invalid("a snapshot", "is not an object")
     date_sec = _count(doc, "date-sec", 0)
-    if date_sec > _MAX_DATE_SEC:
+    # One second below the limit: date-nsec can round the sum up to the next second.
+    if date_sec >= _MAX_DATE_SEC:
         raise _invalid("a snapshot's 'date-sec'", "is beyond the year 9999")
+    nsecs = {key: _count(doc, key, 0) for key in ("date-nsec", "vm-clock-nsec")}
+    for key, value in nsecs.items():
+        if value >= 1_000_000_000:
+            raise _invalid(f"a snapshot's {key!r}", "is not below one second")
+    vm_clock_sec = _count(doc, "vm-clock-sec", 0)
+    if vm_clock_sec >= 2**63:
+        raise _invalid("a snapshot's 'vm-clock-sec'", "is beyond 2^63")
     return Snapshot(
         id=_field(doc, "id", str),
         name=_field(doc, "name", str),
         vm_state_size=_count(doc, "vm-state-size", 0),
-        date_epoch=date_sec + _count(doc, "date-nsec", 0) / 1e9,
-        vm_clock=_count(doc, "vm-clock-sec", 0) + _count(doc, "vm-clock-nsec", 0) / 1e9,
+        date_epoch=date_sec + nsecs["date-nsec"] / 1e9,
+        vm_clock=vm_clock_sec + nsecs["vm-clock-nsec"] / 1e9,
     )
 
 
