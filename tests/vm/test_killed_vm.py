@@ -2,17 +2,19 @@
 # GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
 
-"""SIGKILL of QEMU itself (not of the module) while a task works on it: during an internal snapshot with RAM, the
-overlay transaction of an external snapshot, an external merge (block-commit), a state save and an external
-checkpoint with RAM.
+"""SIGKILL of QEMU itself (not of the module) while a task works on it: during an internal snapshot with RAM and a
+disk-only one, the overlay transaction of an external snapshot, an external merge (block-commit), a state save, an
+external checkpoint with RAM and a live backup.
 
 Each test runs the module as its own process against a real QEMU (no guest OS; its RAM is a /dev/shm file filled
 with non-zero bytes so that saving it takes a while), watches what QEMU does to the files, and kills QEMU at a
-seeded moment inside that window ($VMSNAP_KILL_SEED, default 11; the moment is printed). Afterwards: the task
+seeded moment inside that window ($VMSNAP_KILL_SEED, default 11; the moment is printed). Steps that take QEMU only
+milliseconds are cut by freezing QEMU (SIGSTOP) the moment a file changes, then killing it. Afterwards: the task
 failed and says the VM died, every image passes `qemu-img check` (leaked clusters are repaired and reported), the
-chain reads offline what was written before the kill, nothing half-written is presented as a finished state file,
-the offline modules finish the job, and a new QEMU starts on the disks.
+chain reads offline what was written before the kill, nothing half-written is presented as a finished state file
+or backup, the offline modules finish the job, and a new QEMU on the same disks runs the task to its end.
 """
+
 
 from __future__ import annotations
 
@@ -91,6 +93,13 @@ def vms(tmp_path: Path) -> t.Iterator[list[RamVM]]:
 @pytest.fixture
 def rng(request: pytest.FixtureRequest) -> random.Random:
     return random.Random(f"{SEED}-{request.node.name}")
+
+
+def started(vms: list[RamVM], folder: Path, size: str = "16M") -> RamVM:
+    """A running VM (kept in vms, so the fixture cleans it up even when it fails to start), its disk holding OLD."""
+    vm = RamVM(folder, "vm")
+    vms.append(vm)
+    return vm.create_disks(OLD, size=size).start()
 
 
 def start_module(module: str, args: dict[str, t.Any], folder: Path) -> subprocess.Popen[str]:
@@ -215,8 +224,7 @@ def size_grew(path: Path, start: int, by: int) -> t.Callable[[], bool]:
 def test_killed_during_internal_snapshot_with_ram(vms: list[RamVM], tmp_path: Path, rng: random.Random) -> None:
     """snapshot-save writes the RAM into the disk; QEMU dies part-way. The disk stays consistent and holds what
     the guest had flushed, a half-made snapshot (if any) is removed offline, and a new QEMU takes the snapshot."""
-    vm = RamVM(tmp_path, "vm").create_disks(OLD, size="64M").start()
-    vms.append(vm)
+    vm = started(vms, tmp_path, "64M")
     disk = vm.disks[0]
     vm.write_at(NEW, 0, MIB)
     vm.flush()
@@ -247,8 +255,7 @@ def test_killed_during_disk_only_internal_snapshot(
     """blockdev-snapshot-internal-sync takes QEMU milliseconds: QEMU is frozen and killed the moment the disk file
     grows (the snapshot's tables being written), or killed a few ms later (the task may have finished). The disk
     stays consistent, reads what was flushed, and holds the snapshot whole or not at all; the task converges."""
-    vm = RamVM(tmp_path, "vm").create_disks(OLD, size="64M").start()
-    vms.append(vm)
+    vm = started(vms, tmp_path, "64M")
     disk = vm.disks[0]
     vm.write_at(NEW, 0, MIB)
     vm.flush()
@@ -281,11 +288,12 @@ def test_killed_during_disk_only_internal_snapshot(
 @pytest.mark.parametrize("moment", ["claimed", "formatting", "after"])
 def test_killed_during_external_snapshot(vms: list[RamVM], tmp_path: Path, rng: random.Random, moment: str) -> None:
     """QEMU frozen and killed the moment the task has claimed its overlay file (the transaction on its way), the
-    moment QEMU begins to format it, or killed a few ms later (the snapshot may be complete, even the task).
+    moment QEMU begins to format it, or killed a few ms later (the snapshot may be complete, even the task; on a
+    loaded host the freeze can come that late too). The removal of unfinished overlays is also proven without
+    timing in tests/unit/plugins/module_utils/test_live_qemu_died.py.
     The disk reads what was flushed before; an overlay QEMU had not finished creating is removed by the task, one
     it finished is named in the message and committed offline; a new QEMU takes the snapshot again."""
-    vm = RamVM(tmp_path, "vm").create_disks(OLD, size="64M").start()
-    vms.append(vm)
+    vm = started(vms, tmp_path, "64M")
     disk = vm.disks[0]
     overlay = disk.with_name("disk0.vmsnap-ext.qcow2")
     vm.write_at(NEW, 0, MIB)
@@ -308,10 +316,8 @@ def test_killed_during_external_snapshot(vms: list[RamVM], tmp_path: Path, rng: 
             assert f"overlay files {overlay} " in result["msg"] and "qcow2_chain state=committed" in result["msg"]
         else:
             assert f"QEMU had not finished creating {overlay}, " in result["msg"]
-    else:  # QEMU answered the transaction before it died: the snapshot was taken
-        assert moment == "after" and overlay.exists()
-    if moment != "after":  # frozen before it could finish the overlay: nothing of it is left
-        assert result["failed"] and not overlay.exists()
+    else:  # QEMU answered the transaction before it froze or died (a loaded host can be late): it was taken
+        assert overlay.exists()
 
     check(disk)
     assert reads(disk, NEW)
@@ -330,8 +336,7 @@ def test_killed_during_external_snapshot(vms: list[RamVM], tmp_path: Path, rng: 
 def test_killed_during_external_merge(vms: list[RamVM], tmp_path: Path, rng: random.Random) -> None:
     """block-commit of a 96 MiB overlay into the disk; QEMU dies part-way. The overlay chain still reads everything
     written before the kill; qcow2_chain committed finishes the merge offline and a new QEMU starts on the disk."""
-    vm = RamVM(tmp_path, "vm").create_disks(OLD, size="128M").start()
-    vms.append(vm)
+    vm = started(vms, tmp_path, "128M")
     disk = vm.disks[0]
     overlay = disk.with_name("disk0.vmsnap-ext.qcow2")
     args = dict(socket=str(vm.qmp), name="ext", mode="external")
@@ -361,8 +366,7 @@ def test_killed_during_external_merge(vms: list[RamVM], tmp_path: Path, rng: ran
 def test_killed_during_state_save(vms: list[RamVM], tmp_path: Path, rng: random.Random) -> None:
     """A live state save; QEMU dies while writing the RAM. No state file and no sidecar appear at the path (the
     temporary file is gone), the disk is consistent, and a new QEMU's state is saved by the same task."""
-    vm = RamVM(tmp_path, "vm").create_disks(OLD).start()
-    vms.append(vm)
+    vm = started(vms, tmp_path)
     states = tmp_path / "states"
     states.mkdir()
     state = states / "vm.vmstate"
@@ -398,8 +402,7 @@ def test_killed_during_external_checkpoint_with_ram(vms: list[RamVM], tmp_path: 
     """External checkpoint with RAM: the overlays are taken in the pause, then QEMU dies while it writes the RAM.
     The task says the overlays were taken and the VM died; no state file is presented as valid; the overlay is
     committed offline and the checkpoint is taken again on a new QEMU."""
-    vm = RamVM(tmp_path, "vm").create_disks(OLD, size="64M").start()
-    vms.append(vm)
+    vm = started(vms, tmp_path, "64M")
     disk = vm.disks[0]
     overlay = disk.with_name("disk0.vmsnap-cp.qcow2")
     state = disk.with_name("disk0.vmsnap-cp.vmstate")
@@ -431,8 +434,7 @@ def test_killed_during_live_backup(vms: list[RamVM], tmp_path: Path, rng: random
     """A live full backup of a disk with 96 MiB of data; QEMU dies while it copies. No backup is recorded or left
     looking complete, the disk is consistent and keeps its data, and the next run on a new QEMU takes a full backup
     that restores the data."""
-    vm = RamVM(tmp_path, "vm").create_disks(OLD, size="128M").start()
-    vms.append(vm)
+    vm = started(vms, tmp_path, "128M")
     disk = vm.disks[0]
     vm.write_at(FILL, 16 * MIB, 96 * MIB)
     vm.flush()
