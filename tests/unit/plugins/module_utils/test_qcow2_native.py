@@ -12,14 +12,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
+import tracemalloc
 
 import pytest
 
+from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import QemuImgError
 from ansible_collections.vmsnap.qemu.plugins.module_utils._image import parse_info
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qcow2_native import probe_qemu_locks, read_qcow2_layer
+from ansible_collections.vmsnap.qemu.plugins.module_utils._qemu_img import QemuImg
 
 
 def qemu_img(*args: str) -> str:
@@ -208,6 +212,102 @@ def _qmp(sock: socket.socket, command: str, arguments: dict | None = None) -> di
         reply = json.loads(reader.readline())
         if "event" not in reply:
             return reply
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hostile images as real files (issue 11): each of these was accepted (or read whole) before the reader checked
+# lengths and offsets the way QEMU does.
+
+
+def _patch(path: str, offset: int, data: bytes, truncate: int | None = None) -> None:
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(data)
+        if truncate is not None:
+            handle.truncate(truncate)
+
+
+def _qemu_img_refuses(path: str) -> str:
+    proc = subprocess.run(["qemu-img", "info", "--output=json", path], capture_output=True, text=True, check=False)
+    assert proc.returncode != 0, proc.stdout
+    return proc.stderr
+
+
+def _overlay(tmp_path) -> str:
+    create(tmp_path / "base.qcow2")
+    path = str(tmp_path / "overlay.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", path)
+    return path
+
+
+def test_a_sparse_file_claiming_a_700_mib_backing_name_is_declined_without_reading_it(tmp_path) -> None:
+    """Before: the reader allocated and read 700 MiB and returned it as the backing file's name."""
+    path = _overlay(tmp_path)
+    _patch(path, 16, (700 << 20).to_bytes(4, "big"), truncate=1 << 30)  # backing_file_size; a sparse 1 GiB file
+    assert "Backing file name too long" in _qemu_img_refuses(path)
+    tracemalloc.start()
+    try:
+        assert read_qcow2_layer(path) is None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+def test_a_nul_byte_in_the_backing_name_is_left_to_qemu_img(tmp_path) -> None:
+    """Before: the reader returned 'base' + NUL + 'qcow2' where qemu-img (C strings) says 'base'."""
+    path = _overlay(tmp_path)
+    with open(path, "rb") as handle:
+        backing_offset = int.from_bytes(handle.read(16)[8:16], "big")
+    _patch(path, backing_offset + 4, b"\0")
+    assert qemu_img_view(path).backing_file == "base"
+    assert read_qcow2_layer(path) is None
+
+
+@pytest.mark.parametrize(
+    ("offset", "value", "width", "qemu_says"),
+    [
+        (40, 0x30001, 8, "Active L1 table offset invalid"),
+        (64, 0x50010, 8, "Snapshot table offset invalid"),
+        (48, 0x10008, 8, "Reference count table offset invalid"),
+        (36, 0, 4, "L1 table is too small"),
+        (20, 22, 4, "Unsupported cluster size"),
+        (100, 96, 4, "qcow2 header too short"),
+    ],
+)
+def test_no_plan_for_an_image_qemu_img_refuses(tmp_path, offset: int, value: int, width: int, qemu_says: str) -> None:
+    """Before: the reader accepted these headers, so check mode planned (and reported changed) on images that
+    every real run then failed to open; now the planning read is qemu-img's own, with its error."""
+    path = create(tmp_path / "refused.qcow2")
+    qemu_img("snapshot", "-c", "before", path)
+    _patch(path, offset, value.to_bytes(width, "big"))
+    assert qemu_says in _qemu_img_refuses(path)
+    assert read_qcow2_layer(path) is None
+
+    class Module:
+        def get_bin_path(self, name: str, required: bool = False) -> str:
+            return shutil.which(name) or name
+
+    with pytest.raises(QemuImgError, match=qemu_says):
+        QemuImg(Module()).read_top(path)
+
+
+def test_a_fifo_planted_at_the_name_is_declined_without_blocking(tmp_path) -> None:
+    """Before: opening a FIFO for reading waited for a writer forever."""
+    fifo = str(tmp_path / "fifo.qcow2")
+    os.mkfifo(fifo)
+
+    def expired(signum, frame):
+        raise AssertionError("the reader blocked on a FIFO")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(10)
+    try:
+        assert read_qcow2_layer(fifo) is None
+        probe_qemu_locks(fifo)  # None or an answer: it must return
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_qemu_tools_are_present() -> None:
