@@ -206,12 +206,15 @@ seconds:
   sample: 4.21
 """
 
+import contextlib
 import os
 import typing as t
 
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.vmsnap.qemu.plugins.module_utils._chain import (
+    CREATE_SUFFIX,
+    TEMP_SUFFIX,
     ChainPlan,
     ChainRequest,
     Outcome,
@@ -220,6 +223,7 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._chain import (
     validate_size,
 )
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import VmsnapError
+from ansible_collections.vmsnap.qemu.plugins.module_utils._files import remove_private_folder
 from ansible_collections.vmsnap.qemu.plugins.module_utils._lock import image_locks
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qemu_img import QemuImg
 from ansible_collections.vmsnap.qemu.plugins.module_utils._validate import validate_image_path
@@ -238,6 +242,16 @@ ARGUMENT_SPEC: dict[str, t.Any] = dict(
     verify=dict(type="bool", default=True),
     lock_timeout=dict(type="float", default=60.0),
 )
+
+
+def _remove_finished_runs_folders(path: str) -> None:
+    """A run killed after its change but before removing its private folder left it; nothing else would remove it
+    once the image is as requested (a run that changes something replaces it anyway)."""
+    for image in {path, os.path.realpath(path)}:
+        for suffix in (TEMP_SUFFIX, CREATE_SUFFIX):
+            # Another user's folder at that name is not ours to remove, and no reason to fail a run that is done.
+            with contextlib.suppress(VmsnapError, OSError):
+                remove_private_folder(os.path.join(os.path.dirname(image), f".{os.path.basename(image)}{suffix}"))
 
 
 def main() -> t.NoReturn:
@@ -272,6 +286,8 @@ def main() -> t.NoReturn:
         else:
             with image_locks([path], timeout=params["lock_timeout"]):
                 plan = plan_chain(qemu_img, request)
+                if not plan.changed:
+                    _remove_finished_runs_folders(path)
                 if plan.changed:
                     outcome = execute_chain(
                         qemu_img,
