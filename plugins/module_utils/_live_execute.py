@@ -40,6 +40,7 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._revert_bitmaps import
     blocking_bitmaps,
     refusal_message,
 )
+from ansible_collections.vmsnap.qemu.plugins.module_utils._stale_jobs import mark_paused
 from ansible_collections.vmsnap.qemu.plugins.module_utils._vm import describe_vm, status_or_none
 from ansible_collections.vmsnap.qemu.plugins.module_utils._vmstate import (
     SaveRequest,
@@ -510,6 +511,7 @@ def _revert(qmp: QmpClient, plan: LivePlan) -> None:
     drops = [(device, bitmap) for device in plan.acting() for bitmap in device.drop_bitmaps]
     paused_here = bool(drops) and plan.vm_running
     if paused_here:
+        mark_paused(qmp)  # a killed task's pause is then recognised and ended by the next run
         qmp.execute("stop", timeout=request.timeout)
     try:
         _drop_bitmaps(qmp, drops)

@@ -5,17 +5,25 @@
 # Note that this module util is **PRIVATE** to the collection. It can have breaking changes at any time.
 # Do not use this from other collections or standalone plugins/modules!
 
-"""QEMU jobs left behind by a qmp_live_snapshot task that was killed (SIGKILL, OOM, a lost controller).
+"""What a killed task (SIGKILL, OOM, a lost controller) leaves in a running VM, and how the next run finishes it.
 
+Jobs:
 QEMU runs snapshot-save/-load/-delete and block-commit on its own; the task only waits for them. A killed task leaves
 its job running, concluded and never dismissed, or (an active block-commit) waiting in 'ready' for a job-complete
 that never comes. Each job id is vmsnap-<action>-<pid>-<n> (_live_execute._job_id): when that pid no longer exists,
 the next task finishes the job for it - waits, completes a ready commit (the merge the killed task had asked for),
 dismisses - instead of refusing the VM forever. Backup jobs (vmsnap-backup-*) are qcow2_backup's to clean up.
+
+Pauses: a task that stops a running guest (a state save, a revert that drops bitmaps) first adds a marker object to
+that QEMU, /objects/vmsnap-paused-<pid> (a QOM secret: it holds nothing, is not migrated and ends with the QEMU
+process), and the module removes it when it ends. A marker whose process is gone means that task was killed with
+the guest possibly still stopped by it: the next run resumes the guest (only from paused/postmigrate, and not while
+a migration still runs) and removes the marker. A guest paused by anyone else has no marker and stays paused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
@@ -23,9 +31,26 @@ import typing as t
 
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import VmsnapError
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qemu_img import QemuImg
-from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient
+from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient, QmpError
 
 _LIVE_JOB = re.compile(r"^vmsnap-(save|load|delete|commit)-([0-9]+)-[0-9]+$")
+_PAUSE_MARK = "vmsnap-paused-"
+_PAUSE_MARKER = re.compile(r"^vmsnap-paused-([0-9]+)$")
+_RESUMABLE = ("paused", "postmigrate")
+_MIGRATING = ("setup", "active", "pre-switchover", "device", "postcopy-active", "postcopy-paused", "postcopy-recover")
+
+
+def process_gone(pid: int) -> bool:
+    """Whether pid no longer runs; a killed process that nobody reaped yet (a zombie) is gone too."""
+    if pid == os.getpid():
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
 _WAITABLE = ("created", "running", "waiting", "pending", "aborting")
 
 
@@ -35,9 +60,7 @@ def orphaned_owner(job_id: t.Any) -> int | None:
     if match is None:
         return None
     pid = int(match.group(2))
-    if pid == os.getpid() or os.path.exists(f"/proc/{pid}"):
-        return None
-    return pid
+    return pid if process_gone(pid) else None
 
 
 def finish_orphaned_jobs(qmp: QmpClient, timeout: float) -> list[str]:
@@ -115,3 +138,58 @@ def remove_leftover_overlay(qemu_img: QemuImg, overlay: str, disk_file: str, mer
         f"Removed the overlay file {overlay}: an earlier task merged it into {disk_file} (the disk reads the same "
         "data) and was stopped before it deleted the file."
     )
+
+
+def mark_paused(qmp: QmpClient) -> None:
+    """Right before this task stops the guest: leave a marker in QEMU that names this process (see above)."""
+    # Already there (a second pause of this task), or a QEMU without secrets: the pause goes on unmarked.
+    with contextlib.suppress(QmpError):
+        qmp.execute("object-add", {"qom-type": "secret", "id": f"{_PAUSE_MARK}{os.getpid()}", "data": "vmsnap"})
+
+
+def unmark_paused(qmp: QmpClient) -> None:
+    """When the task ends, whatever happened: its marker goes (QEMU may be gone already)."""
+    with contextlib.suppress(VmsnapError, OSError):
+        qmp.execute("object-del", {"id": f"{_PAUSE_MARK}{os.getpid()}"})
+
+
+def resume_left_paused(qmp: QmpClient, check_mode: bool) -> list[str]:
+    """Resume a guest that a killed task had stopped (its marker is there, its process gone); returns warnings."""
+    notes = []
+    for entry in qmp.execute("qom-list", {"path": "/objects"}) or []:
+        match = _PAUSE_MARKER.match(str(entry.get("name") if isinstance(entry, dict) else ""))
+        if match is None or not process_gone(int(match.group(1))):
+            continue
+        marker = match.group(0)
+        status = str((qmp.execute("query-status") or {}).get("status"))
+        migration = (qmp.execute("query-migrate") or {}).get("status")
+        if migration in _MIGRATING:
+            notes.append(
+                f"An earlier task (pid {match.group(1)}) that no longer runs had paused the guest; a migration or "
+                f"state save it started is still {migration}, so the guest was not resumed yet."
+            )
+            continue
+        if check_mode:
+            if status in _RESUMABLE:
+                notes.append(
+                    f"An earlier task (pid {match.group(1)}) that no longer runs left the guest paused (status "
+                    f"{status}); the real run resumes it first."
+                )
+            continue
+        if status in _RESUMABLE:
+            qmp.execute("cont")
+            notes.append(
+                f"An earlier task (pid {match.group(1)}) that no longer runs had paused the guest and left it so "
+                f"(status {status}); it was resumed."
+            )
+        qmp.execute("object-del", {"id": marker})
+    return notes
+
+
+@contextlib.contextmanager
+def pause_marker_cleared(qmp: QmpClient) -> t.Iterator[None]:
+    """Around a module's work on a VM: this task's pause marker is gone when it ends, however it ends."""
+    try:
+        yield
+    finally:
+        unmark_paused(qmp)

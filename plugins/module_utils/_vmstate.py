@@ -45,6 +45,7 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import (
     QmpError,
     pause_of_this_task,
 )
+from ansible_collections.vmsnap.qemu.plugins.module_utils._stale_jobs import mark_paused
 
 SIDECAR_FORMAT = 1
 STATE_MAGIC = b"QEVM"
@@ -621,6 +622,7 @@ def save_state(
         qmp.poll_events()
         qmp.take_events(("STOP", "RESUME"))
         if facts.running:
+            mark_paused(qmp)  # a killed task's pause is then recognised and ended by the next run
             qmp.execute("stop")
             stopped_by_us = True
         if while_paused is not None:

@@ -206,6 +206,9 @@ notes:
   - With O(mode=external), the next run also removes what a killed task left of this snapshot outside the disks'
     chains - an empty overlay file it had claimed, or (O(state=absent)) an overlay it had merged but not deleted,
     only when the disk reads the same data as that overlay (C(qemu-img compare)); otherwise it warns and keeps it.
+  - A task that pauses a running guest (a checkpoint with RAM, a revert that drops backup bitmaps) marks the pause
+    in QEMU first (an empty QOM object C(vmsnap-paused-<pid>)); when such a task is killed with the guest still
+    paused, the next run resumes it and warns. A guest paused by anyone else is left paused.
   - QEMU serves one client at a time on the guest agent's socket; another connected client makes O(quiesce) fail
     (or, with V(best_effort), be skipped).
 seealso:
@@ -431,7 +434,9 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._revert_bitmaps import
 from ansible_collections.vmsnap.qemu.plugins.module_utils._stale_jobs import (
     finish_orphaned_jobs,
     orphaned_owner,
+    pause_marker_cleared,
     remove_leftover_overlay,
+    resume_left_paused,
 )
 from ansible_collections.vmsnap.qemu.plugins.module_utils._validate import (
     validate_image_path,
@@ -463,8 +468,12 @@ def main() -> t.NoReturn:
     result: dict[str, t.Any] = dict(changed=False, vm_status=None)
     try:
         request = _request(params)
-        with QmpClient(params["socket"], params["connect_timeout"], request.timeout, params["lock_timeout"]) as qmp:
+        client = QmpClient(params["socket"], params["connect_timeout"], request.timeout, params["lock_timeout"])
+        with client as qmp, pause_marker_cleared(qmp):
             finished = _finish_orphaned_jobs(module, qmp, request.timeout)
+            for note in resume_left_paused(qmp, module.check_mode):
+                module.warn(note)
+                finished = finished or not module.check_mode
             vm = describe_vm(qmp)
             if module.check_mode:  # the real run finishes them before planning (see above)
                 vm["jobs"] = [job for job in vm.get("jobs") or [] if orphaned_owner(job.get("id")) is None]

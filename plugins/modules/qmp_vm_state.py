@@ -128,6 +128,11 @@ notes:
     the whole file is written.'
   - If a task is killed during a save, QEMU finishes writing into the temporary file, which is never renamed into
     place (and is removed by the next save to the same O(path)); the next task waits for that save to end.
+  - Before it pauses a running guest, the task adds a marker object C(vmsnap-paused-<pid>) to QEMU (an empty QOM
+    C(secret), which ends with the QEMU process) and removes it when it ends. If the task is killed while the guest
+    is paused, the next O(state=saved) task (or M(vmsnap.qemu.qmp_live_snapshot) task) on the VM finds the marker of
+    a process that is gone, resumes the guest (after a save that is still being written has ended) and warns. A
+    guest paused by anyone else has no such marker and is left as it is.
   - The save sets QEMU's C(background-snapshot) capability and a high C(max-bandwidth) for its own migration and puts
     both back afterwards, also after a failure. A VM with other migration capabilities on (C(block), C(xbzrle),
     C(compress), C(multifd), ...) is refused, because they change what the file holds.
@@ -245,6 +250,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import ValidationError, VmsnapError
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient
+from ansible_collections.vmsnap.qemu.plugins.module_utils._stale_jobs import pause_marker_cleared, resume_left_paused
 from ansible_collections.vmsnap.qemu.plugins.module_utils._validate import validate_image_path
 from ansible_collections.vmsnap.qemu.plugins.module_utils._vm import describe_vm, status_or_none
 from ansible_collections.vmsnap.qemu.plugins.module_utils._vmstate import (
@@ -349,12 +355,16 @@ def _saved(module: AnsibleModule, result: dict[str, t.Any]) -> None:
         result.update(size=os.path.getsize(path), sidecar=sidecar.as_dict(), downtime_ms=0.0)
         return
     before = _file_view(path, sidecar)
-    with QmpClient(params["socket"], params["connect_timeout"], params["timeout"], params["lock_timeout"]) as qmp:
+    client = QmpClient(params["socket"], params["connect_timeout"], params["timeout"], params["lock_timeout"])
+    with client as qmp, pause_marker_cleared(qmp):
+        for note in resume_left_paused(qmp, module.check_mode):
+            module.warn(note)
+            result["changed"] = not module.check_mode
         vm = describe_vm(qmp)
         result["vm_status"] = vm["status"]
         facts = read_vm_facts(qmp, vm)
         refuse_unsaveable(facts, params["live"])
-        result["changed"] = module.check_mode
+        result["changed"] = module.check_mode or result["changed"]
         if module._diff:
             result["diff"] = {
                 "before": {**before, "vm_status": vm["status"]},

@@ -205,3 +205,43 @@ def classify(before: t.Any, after: t.Any, target: t.Any) -> str:
     if after == target:
         return "done"
     return "mid-way"
+
+
+def summary(report: str) -> str:
+    """A Markdown table of a VMSNAP_KILL_REPORT file: per group, trials, kills, outcomes (docs/reliability.md)."""
+    rows: dict[str, dict[str, t.Any]] = {}
+    with open(report, encoding="utf-8") as handle:
+        for line in handle:
+            trial = json.loads(line)
+            row = rows.setdefault(
+                trial["group"], {"trials": 0, "killed": 0, "after": {}, "next": {}, "orphans": 0, "finished": 0}
+            )
+            row["trials"] += 1
+            row["killed"] += bool(trial["killed"])
+            row["after"][trial["after_kill"]] = row["after"].get(trial["after_kill"], 0) + 1
+            if trial["killed"]:
+                row["next"][trial["next_run"]] = row["next"].get(trial["next_run"], 0) + 1
+            row["orphans"] += bool(trial["orphans"])
+            row["finished"] += any("no longer runs" in note for note in trial["notes"])
+    lines = [
+        "| Task | Trials | Killed | State after the kill | Next run (killed trials) | Children left running | "
+        "Job/pause of the killed task finished by the next run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for group, row in rows.items():
+        after = ", ".join(f"{name}: {count}" for name, count in sorted(row["after"].items()))
+        following = ", ".join(f"{name}: {count}" for name, count in sorted(row["next"].items()))
+        lines.append(
+            f"| {group} | {row['trials']} | {row['killed']} | {after} | {following or '-'} | {row['orphans']} | "
+            f"{row['finished']} |"
+        )
+    total = sum(row["trials"] for row in rows.values())
+    killed = sum(row["killed"] for row in rows.values())
+    lines.append(f"| all | {total} | {killed} | | | | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "summary":
+        raise SystemExit("kill_trials.py summary REPORT.jsonl")
+    print(summary(sys.argv[2]))

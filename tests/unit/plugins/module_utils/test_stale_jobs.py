@@ -16,7 +16,10 @@ from pathlib import Path
 from ansible_collections.vmsnap.qemu.plugins.module_utils._stale_jobs import (
     finish_orphaned_jobs,
     is_unused_claim,
+    mark_paused,
     orphaned_owner,
+    pause_marker_cleared,
+    resume_left_paused,
 )
 
 
@@ -102,3 +105,72 @@ def test_finish_orphaned_jobs() -> None:
     assert f"commit job vmsnap-commit-{dead}-1" in notes[0] and "completed and dismissed" in notes[0]
     assert "it had failed: No space left" in notes[1]
     assert "status running" in notes[2] and "it had succeeded" in notes[2]
+
+
+class PausedQmp:
+    """qom-list /objects, query-status and query-migrate answers; cont and object-del change them as QEMU would."""
+
+    def __init__(self, markers: list[str], status: str, migration: str | None = None) -> None:
+        self.objects = [{"name": "pc.ram", "type": "child<memory-backend-ram>"}] + [
+            {"name": name, "type": "child<secret>"} for name in markers
+        ]
+        self.status = status
+        self.migration = migration
+        self.sent: list[str] = []
+
+    def execute(self, command: str, arguments: dict[str, t.Any] | None = None, **dummy: t.Any) -> t.Any:
+        self.sent.append(command)
+        if command == "qom-list":
+            return list(self.objects)
+        if command == "query-status":
+            return {"status": self.status, "running": self.status == "running"}
+        if command == "query-migrate":
+            return {"status": self.migration} if self.migration else {}
+        if command == "cont":
+            self.status = "running"
+        elif command == "object-del":
+            self.objects = [o for o in self.objects if o["name"] != (arguments or {})["id"]]
+        return {}
+
+
+def test_resume_left_paused() -> None:
+    dead = _dead_pid()
+    for status in ("paused", "postmigrate"):
+        qmp = PausedQmp([f"vmsnap-paused-{dead}"], status)
+        notes = resume_left_paused(t.cast(t.Any, qmp), check_mode=False)
+        assert qmp.status == "running" and [o["name"] for o in qmp.objects] == ["pc.ram"]
+        assert len(notes) == 1 and f"pid {dead}" in notes[0] and "it was resumed" in notes[0]
+    # Resumed by someone since: only the marker goes.
+    qmp = PausedQmp([f"vmsnap-paused-{dead}"], "running")
+    assert resume_left_paused(t.cast(t.Any, qmp), check_mode=False) == []
+    assert "cont" not in qmp.sent and [o["name"] for o in qmp.objects] == ["pc.ram"]
+    # Check mode, a save still being written, a task that still runs, another tool's pause: nothing is touched.
+    for markers, migration, check_mode in (
+        ([f"vmsnap-paused-{dead}"], None, True),
+        ([f"vmsnap-paused-{dead}"], "active", False),
+        ([f"vmsnap-paused-{os.getppid()}"], None, False),
+        ([], None, False),
+        (["vmsnap-paused-x", "other-secret"], None, False),
+    ):
+        qmp = PausedQmp(markers, "paused", migration)
+        notes = resume_left_paused(t.cast(t.Any, qmp), check_mode=check_mode)
+        assert qmp.status == "paused" and "cont" not in qmp.sent and "object-del" not in qmp.sent, markers
+        assert len(notes) == (1 if markers and str(dead) in markers[0] else 0), (markers, notes)
+        if check_mode:
+            assert "the real run resumes it first" in notes[0]
+        elif migration:
+            assert "still active" in notes[0]
+
+
+def test_pause_marker_names_this_process() -> None:
+    qmp = PausedQmp([], "running")
+    calls: list[tuple[str, t.Any]] = []
+    qmp.execute = lambda command, arguments=None, **dummy: calls.append((command, arguments))  # type: ignore[method-assign]
+    mark_paused(t.cast(t.Any, qmp))
+    with pause_marker_cleared(t.cast(t.Any, qmp)):
+        pass
+    marker = f"vmsnap-paused-{os.getpid()}"
+    assert calls == [
+        ("object-add", {"qom-type": "secret", "id": marker, "data": "vmsnap"}),
+        ("object-del", {"id": marker}),
+    ]
