@@ -11,6 +11,7 @@ how the VM was set up. The recording's temp dir became /vms; tests that need rea
 
 from __future__ import annotations
 
+import copy
 import os
 import typing as t
 
@@ -752,7 +753,28 @@ def test_pause_ms_counts_an_open_stop_until_the_given_moment() -> None:
 
 def test_the_fingerprint_sees_new_snapshots_and_overlays(live: Load) -> None:
     fresh, snaps, chain = live("mixed-fresh"), live("mixed-snapshots"), live("chain-two-overlays")
-    assert vm_fingerprint(fresh.vm) == vm_fingerprint(live("mixed-fresh").vm)
+    # What a task does not change (run status, jobs, bitmaps, sizes, snapshot dates) leaves it as it was ...
+    unchanged = copy.deepcopy(fresh.vm)
+    unchanged["status"], unchanged["running"] = "paused", False
+    unchanged["jobs"] = [{"id": "j", "type": "mirror", "status": "running"}]
+    for disk in unchanged["block_devices"]:
+        disk["bitmaps"] = [{"name": "other", "count": 5}]
+        for layer in disk["chain"]:
+            layer["actual_size"] = (layer.get("actual_size") or 0) + 65536
+        for snap in disk["snapshots"]:
+            snap["date_epoch"] += 1
+    assert vm_fingerprint(unchanged) == vm_fingerprint(fresh.vm)
+    # ... and each thing it can change, on one disk, changes it.
+    for change in ("snapshot", "overlay", "device"):
+        changed = copy.deepcopy(fresh.vm)
+        disk = changed["block_devices"][-1]
+        if change == "snapshot":
+            disk["snapshots"].append({"name": "new"})
+        elif change == "overlay":
+            disk["chain"].insert(0, {"filename": "/vms/overlay.qcow2"})
+        else:
+            disk["device"] = "renamed"
+        assert vm_fingerprint(changed) != vm_fingerprint(fresh.vm), change
     assert vm_fingerprint(fresh.vm) != vm_fingerprint(snaps.vm)
     merged = live("chain-e1-merged")
     assert vm_fingerprint(chain.vm) != vm_fingerprint(merged.vm)
