@@ -15,7 +15,6 @@ chain reads offline what was written before the kill, nothing half-written is pr
 or backup, the offline modules finish the job, and a new QEMU on the same disks runs the task to its end.
 """
 
-
 from __future__ import annotations
 
 import json
@@ -159,7 +158,7 @@ def kill_when(
         os.kill(pid, signal.SIGSTOP)
     time.sleep(delay)
     assert may_finish or proc.poll() is None, f"the task ended within {delay:.3f} s of {what}: {proc.communicate()}"
-    print(f"[seed {SEED}] SIGKILL of QEMU pid {pid} {delay * 1000:.0f} ms after {what}")
+    print(f"[seed {SEED}] SIGKILL of QEMU pid {pid}{' (frozen)' if freeze else ''} {delay * 1000:.0f} ms after {what}")
     os.kill(pid, signal.SIGKILL)
     while not vm.gone():
         time.sleep(0.01)
@@ -230,7 +229,8 @@ def test_killed_during_internal_snapshot_with_ram(vms: list[RamVM], tmp_path: Pa
     vm.flush()
     args = dict(socket=str(vm.qmp), name="before", mode="internal", vmstate=True)
     proc = start_module("qmp_live_snapshot", args, tmp_path)
-    kill_when(vm, proc, size_grew(disk, disk.stat().st_size, 16 * MIB), "16 MiB of RAM state", rng.uniform(0, 0.1))
+    written = rng.randint(8, 128)  # MiB of the 256 MiB of RAM: QEMU is frozen the moment it is there, then killed
+    kill_when(vm, proc, size_grew(disk, disk.stat().st_size, written * MIB), f"{written} MiB of RAM state", 0.0, True)
     result = result_of(proc)
     assert_died(result)
     assert result["changed"] is True  # the disk may have been written: never reported as untouched
@@ -345,7 +345,8 @@ def test_killed_during_external_merge(vms: list[RamVM], tmp_path: Path, rng: ran
     vm.write_at(FILL, 16 * MIB, 96 * MIB)
     vm.flush()
     proc = start_module("qmp_live_snapshot", dict(args, state="absent"), tmp_path)
-    kill_when(vm, proc, size_grew(disk, disk.stat().st_size, 8 * MIB), "8 MiB were merged", rng.uniform(0, 0.05))
+    merged = rng.randint(4, 32)  # MiB of 96: QEMU is frozen the moment they are in the base, then killed
+    kill_when(vm, proc, size_grew(disk, disk.stat().st_size, merged * MIB), f"{merged} MiB were merged", 0.0, True)
     result = result_of(proc)
     assert_died(result)
     assert result["changed"] is True
@@ -443,10 +444,12 @@ def test_killed_during_live_backup(vms: list[RamVM], tmp_path: Path, rng: random
     args = dict(socket=str(vm.qmp), dest_dir=str(dest))
     proc = start_module("qcow2_backup", args, tmp_path)
 
-    def copying() -> bool:
-        return any(p.stat().st_size >= 8 * MIB for p in dest.rglob(".tmp-*") if p.is_file())
+    copied = rng.randint(4, 32)  # MiB of 97: QEMU is frozen the moment they are in the backup file, then killed
 
-    kill_when(vm, proc, copying, "8 MiB were copied", rng.uniform(0, 0.05))
+    def copying() -> bool:
+        return any(p.stat().st_size >= copied * MIB for p in dest.rglob(".tmp-*") if p.is_file())
+
+    kill_when(vm, proc, copying, f"{copied} MiB were copied", 0.0, freeze=True)
     result = result_of(proc)
     assert_died(result)
     index = next(dest.rglob("index.json"), None)
