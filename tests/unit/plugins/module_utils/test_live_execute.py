@@ -520,17 +520,39 @@ def test_a_failed_external_transaction_under_quiesce_removes_overlays_and_thaws(
     assert not any(os.path.lexists(t.cast(str, device.overlay)) for device in live_plan.devices)
 
 
-def test_any_failure_while_frozen_still_thaws(connect, live, tmp_path, monkeypatch) -> None:
+def test_a_failed_clean_up_while_frozen_still_thaws_and_names_the_leftover(
+    connect, live, tmp_path, monkeypatch
+) -> None:
     recording = live("mixed-fresh", root=tmp_path)
     live_plan = plan(recording, mode="external", devices=("drive0",), quiesce="required", guest_agent_socket=AGENT)
     journal: list[str] = []
     vm = FakeVm(recording.nodes, journal=journal)
     vm.hooks["transaction"] = _transaction_that_fails(created=1, desc="Input/output error")
     dummy, qmp = connect(vm)
-    unlink_fails_for(monkeypatch, t.cast(str, live_plan.devices[0].overlay))
-    with pytest.raises(Exception):  # noqa: B017 - whatever it is, the guest must be thawed
+    overlay = t.cast(str, live_plan.devices[0].overlay)
+    unlink_fails_for(monkeypatch, overlay)
+    with pytest.raises(LiveSnapshotError) as info:
         execute_live(qmp, live_plan, FakeFreezer(journal))
     assert journal == ["freeze", "transaction", "thaw"]
+    assert info.value.details == {"removed_overlays": [], "leftover_overlays": [f"{overlay} (Permission denied)"]}
+    assert info.value.msg.startswith("QEMU refused the external snapshot: Input/output error.")
+    assert f"These could not be removed; delete them by hand: {overlay} (Permission denied)." in info.value.msg
+    assert os.path.exists(overlay)
+
+
+def test_an_interrupt_while_frozen_still_thaws(connect, live, monkeypatch) -> None:
+    # Not an error of the family (Ctrl-C, or a bug): the guest is thawed all the same and the interrupt goes on.
+    journal: list[str] = []
+    dummy, qmp = connect(FakeVm(journal=journal))
+
+    def interrupted(*args: t.Any) -> None:
+        journal.append("interrupted")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_live_execute, "_create", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        execute_live(qmp, _quiesced_plan(live), FakeFreezer(journal))
+    assert journal == ["freeze", "interrupted", "thaw"]
 
 
 # --- 4. external absent: merges -------------------------------------------------------------------------------
