@@ -572,6 +572,14 @@ def _load(qmp: QmpClient, plan: LivePlan) -> None:
             request.timeout,
         )
     except VmsnapError as exc:
+        if exc.details.get("vm_died"):
+            exc.msg += (
+                f" QEMU was loading snapshot {request.name!r}: its disks may already hold the snapshot's data, "
+                "without the RAM that goes with it. Start the VM paused (-S) and run this task again to load the "
+                "snapshot whole."
+            )
+            exc.details["vm_status"] = None
+            raise
         if "active dirty bitmaps" in exc.msg:
             _name_the_bitmaps(qmp, plan, exc)
         status = status_or_none(qmp)

@@ -473,3 +473,31 @@ def test_killed_during_live_backup(vms: list[RamVM], tmp_path: Path, rng: random
         tmp_path,
     )
     assert reads(target, OLD) and reads(target, FILL, 16 * MIB, 96 * MIB)
+
+
+def test_killed_during_revert(vms: list[RamVM], tmp_path: Path, rng: random.Random) -> None:
+    """snapshot-load of an internal snapshot with 256 MiB of RAM; QEMU dies once it has begun to revert the disk
+    (the disk file is written). The disk is consistent and reads either the snapshot's data or, if the revert had not
+    reached it, what it held; a new QEMU started paused (-S) loads the snapshot whole."""
+    vm = started(vms, tmp_path, "64M")
+    disk = vm.disks[0]
+    vm.write_at(NEW, 0, MIB)
+    vm.flush()
+    args = dict(socket=str(vm.qmp), name="before", mode="internal", vmstate=True)
+    assert ok("qmp_live_snapshot", args, tmp_path)["changed"]
+    vm.write_at(FILL, 0, MIB)
+    vm.flush()
+    proc = start_module("qmp_live_snapshot", dict(args, state="reverted"), tmp_path)
+    mtime = disk.stat().st_mtime_ns
+    kill_when(vm, proc, lambda: disk.stat().st_mtime_ns != mtime, "QEMU began to revert the disk", rng.uniform(0, 0.1))
+    result = result_of(proc)
+    assert_died(result)
+    assert result["changed"] is True and "Start the VM paused (-S) and run this task again" in result["msg"]
+
+    check(disk, overcounted=True)
+    assert snapshot_names(disk) == ["before"]
+    print(f"the disk reads {'the snapshot' if reads(disk, NEW) else 'what it held'}")
+    assert reads(disk, NEW) or reads(disk, FILL)
+    vm.start(["-S"])
+    again = ok("qmp_live_snapshot", dict(args, state="reverted", after="running"), tmp_path)
+    assert again["changed"] and vm.status() == "running" and vm.reads(NEW)
