@@ -475,11 +475,13 @@ def _text(data: bytes) -> str:
     """A name as QEMU shows it: NUL ends a C string and qemu-img would show less, so both are left to qemu-img."""
     if b"\0" in data:
         raise _Unsupported("NUL in a name")
+    if data.isascii():
+        return data.decode("ascii")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise _Unsupported("a name that is not UTF-8") from None
-    if not text.isascii() and any(_noncharacter(char) for char in text):
+    if any(_noncharacter(char) for char in text):
         raise _Unsupported("a Unicode noncharacter in a name")
     return text
 
