@@ -381,8 +381,7 @@ def main() -> t.NoReturn:
             with image_locks(paths, timeout=params["lock_timeout"]):
                 plans = _plan(qemu_img, paths, params["state"], name, policy, params["backup_bitmaps"])
                 execute(qemu_img, plans)
-                changed_paths = [plan.path for plan in plans if plan.changed]
-                after = dict(zip(changed_paths, qemu_img.read_top_many(changed_paths)))
+                after = _read_after(qemu_img, [plan.path for plan in plans if plan.changed])
     except VmsnapError as exc:
         half_done = bool(exc.details.get("changed_paths") or exc.details.get("rollback_failed"))
         exc.do_fail(module, changed=half_done)
@@ -415,6 +414,18 @@ def _plan(
     now = time.time()
     infos = qemu_img.read_top_many(paths)
     return [plan_image(path, info, state, name, policy, now, backup_bitmaps) for path, info in zip(paths, infos)]
+
+
+def _read_after(qemu_img: QemuImg, changed_paths: list[str]) -> dict[str, ImageInfo]:
+    """The changed images read again; a failed read still reports the change that was made (changed=true)."""
+    try:
+        return dict(zip(changed_paths, qemu_img.read_top_many(changed_paths)))
+    except VmsnapError as exc:
+        raise VmsnapError(
+            f"The snapshots were changed as requested on {', '.join(changed_paths)}, but reading the images again "
+            f"afterwards failed: {exc.msg}",
+            changed_paths=changed_paths,
+        ) from None
 
 
 def _result(plan: ImagePlan, after: ImageInfo | None) -> dict[str, t.Any]:
