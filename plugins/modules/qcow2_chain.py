@@ -247,7 +247,7 @@ ARGUMENT_SPEC: dict[str, t.Any] = dict(
 def _remove_finished_runs_folders(path: str) -> None:
     """A run killed after its change but before removing its private folder left it; nothing else would remove it
     once the image is as requested (a run that changes something replaces it anyway)."""
-    for image in {path, os.path.realpath(path)}:
+    for image in dict.fromkeys((path, os.path.realpath(path))):
         for suffix in (TEMP_SUFFIX, CREATE_SUFFIX):
             # Another user's folder at that name is not ours to remove, and no reason to fail a run that is done.
             with contextlib.suppress(VmsnapError, OSError):
