@@ -1003,6 +1003,11 @@ class Task:
                 lock_timeout=self.req.lock_timeout,
             ) as qmp:
                 self.qmp = qmp
+                if not self.check_mode and self.req.state == "present":
+                    # Before the disks are read: a killed run's job keeps its copy-before-write filter on the disk.
+                    for job_id in E.cancel_stale_jobs(qmp, E.leftover_job_ids(qmp)):
+                        self.warn(f"Cancelled the leftover backup job {job_id} of an interrupted earlier run.")
+                        self.changed = True
                 self.targets = targets_from_vm(qmp, self.req.devices, self.req.dest_dir, self.req.set_name)
                 return self._locked_run()
         if self.req.path is not None:

@@ -257,6 +257,16 @@ def remove_bitmap(qmp: QmpClient, node: str, name: str) -> None:
         raise BackupError(f"Cannot remove the bitmap {name} from {node}: {exc.desc}", node=node, bitmap=name) from None
 
 
+def leftover_job_ids(qmp: QmpClient) -> list[str]:
+    """Every vmsnap-backup- job in this QEMU. A live run holds the VM's QMP socket, which serves one client at a time,
+    from before its jobs start until they are finalized or cancelled: a run that finds one finds a killed run's."""
+    return [
+        str(job["id"])
+        for job in qmp.execute("query-jobs") or []
+        if isinstance(job, dict) and str(job.get("id", "")).startswith(JOB_PREFIX)
+    ]
+
+
 def cancel_stale_jobs(qmp: QmpClient, job_ids: t.Iterable[str]) -> list[str]:
     """Cancel+dismiss our own leftover jobs (pending after a killed task); returns their ids.
 

@@ -198,6 +198,19 @@ def _vmsnap_jobs(vm: NoOsVM) -> list[dict[str, t.Any]]:
     return [job for job in qmp_execute(vm.qmp, "query-jobs") if str(job.get("id", "")).startswith("vmsnap-")]
 
 
+def _settle(vm: NoOsVM) -> None:
+    """QEMU goes on with a killed task's job or state save on its own: wait until it no longer writes (a job that
+    waits in 'ready' writes nothing new) before an image is checked with -U."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        busy = [job for job in qmp_execute(vm.qmp, "query-jobs") if job.get("status") in ("created", "running")]
+        migrating = qmp_execute(vm.qmp, "query-migrate").get("status") in ("setup", "active", "device")
+        if not busy and not migrating:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{vm.name}: QEMU still busy after 120 s")
+
+
 @pytest.fixture
 def live_vm(fleet_dir: Path) -> t.Iterator[NoOsVM]:
     vm = NoOsVM(fleet_dir, "kills", disks=1, memory_mib=64).create_disks(0xAA, "16M")
@@ -226,6 +239,7 @@ def test_kill_qmp_live_snapshot_internal(live_vm: NoOsVM) -> None:
         return (_snapshots(vm.disks[0]), vm.status())
 
     def check() -> None:
+        _settle(vm)
         vm.qemu_io("drive0", "flush")  # a -U check reads what QEMU has written, not its caches
         qemu_img_check(vm.disks[0], shared=True)
 
@@ -278,6 +292,7 @@ def test_kill_qmp_live_snapshot_external(fleet_dir: Path) -> None:
             )
 
         def check() -> None:
+            _settle(vm)
             for drive in ("drive0", "drive1"):
                 vm.qemu_io(drive, "flush")
                 image = vm.active_file(drive)
@@ -320,6 +335,7 @@ def test_kill_qmp_vm_state_saved(fleet_dir: Path) -> None:
             return (sorted(p.name for p in folder.iterdir()), vm.status())
 
         def check() -> None:
+            _settle(vm)
             vm.qemu_io("drive0", "flush")
             qemu_img_check(vm.disks[0], shared=True)
             assert vm.reads(0xAA), "the guest's disk lost its data"
@@ -472,6 +488,7 @@ def test_kill_qmp_live_snapshot_external_with_ram(fleet_dir: Path) -> None:
             return (sorted(p.name for p in vm.folder.iterdir() if "vmsnap" in p.name), vm.status())
 
         def check() -> None:
+            _settle(vm)
             vm.qemu_io("drive0", "flush")
             image = vm.active_file()
             qemu_img_check(image, shared=True)
@@ -515,6 +532,7 @@ def test_kill_qmp_vm_state_restored(fleet_dir: Path) -> None:
             return vm.status()
 
         def check() -> None:
+            _settle(vm)
             vm.qemu_io("drive0", "flush")
             qemu_img_check(vm.disks[0], shared=True)
             assert vm.reads(0x71)
@@ -540,6 +558,7 @@ def test_kill_qcow2_backup_live(fleet_dir: Path) -> None:
             return sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
 
         def check() -> None:
+            _settle(vm)
             vm.qemu_io("drive0", "flush")
             qemu_img_check(vm.disks[0], shared=True)
             assert vm.reads(0xAA), "the disk lost its data"
@@ -624,3 +643,50 @@ def test_next_run_removes_the_private_folder_of_a_run_killed_after_its_change(tm
     assert result["changed"] is False and not leftovers[1].exists(), result
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.qcow2", "flat.qcow2", "top.qcow2"]
     assert qemu_io_reads(flat, 0xBB, "0", "8M") and qemu_io_reads(flat, 0x11, "8M", "8M")
+
+
+def test_next_run_cancels_a_killed_live_backup_job(fleet_dir: Path) -> None:
+    """qcow2_backup on a running VM killed while its job copies (auto-finalize is off, so the job then waits in
+    QEMU for a job-finalize that never comes) leaves the job with its copy-before-write filter on top of the disk.
+    The next run used to refuse the disk ("is copy-before-write, not qcow2") before it reached its clean-up; now it
+    cancels the leftover job first (the kill trials found it: qcow2_backup_live)."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from kill_trials import collection_root, module_file
+
+    vm = NoOsVM(fleet_dir, "kills-pending", disks=1, memory_mib=64).create_disks(0xAA, "64M")
+    vm.start()
+    dest = fleet_dir / "backups"
+    dest.mkdir()
+    try:
+        vm.qemu_io("drive0", "write -P 0x22 1M 48M")
+        args = {"socket": str(vm.qmp), "dest_dir": str(dest)}
+        index = dest / "disk0" / "index.json"
+        args_file = fleet_dir / "args.json"
+        args_file.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": args}))
+        env = dict(os.environ, LANG="C", PYTHONPATH=str(collection_root()))
+        proc = subprocess.Popen([sys.executable, str(module_file("qcow2_backup")), str(args_file)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            # The job copies into the backup's temporary file: kill once it holds some of the data.
+            if any(p.stat().st_size > 4 << 20 for p in index.parent.glob("*") if p.name != index.name):
+                break
+            time.sleep(0.002)
+        assert proc.poll() is None, "the backup finished before it could be killed while its job ran"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        jobs = qmp_execute(vm.qmp, "query-jobs")
+        assert [job["id"] for job in jobs] == ["vmsnap-backup-disk0"], jobs
+        result = converge("qcow2_backup", args)
+        assert result["changed"] is True
+        assert "Cancelled the leftover backup job vmsnap-backup-disk0" in str(result.get("warnings")), result
+        assert qmp_execute(vm.qmp, "query-jobs") == []
+        assert vm.active_file() == vm.disks[0] and vm.reads(0xAA)
+        verified = run_module("qcow2_backup", {"dest_dir": str(dest), "set_name": "disk0", "state": "verified"})
+        assert verified.result is not None and not verified.result.get("failed"), verified.result
+    finally:
+        vm.kill()
