@@ -209,6 +209,10 @@ notes:
   - A task that pauses a running guest (a checkpoint with RAM, a revert that drops backup bitmaps) marks the pause
     in QEMU first (an empty QOM object C(vmsnap-paused-<pid>)); when such a task is killed with the guest still
     paused, the next run resumes it and warns. A guest paused by anyone else is left paused.
+  - A checkpoint with RAM whose task was killed after it took the overlays and before its state file was in place
+    (the killed task's temporary state file lies beside it) cannot be completed - the guest's RAM is no longer that
+    of the overlays' instant. The next O(state=present) run merges those overlays back and takes the checkpoint
+    again, and warns. Without such a temporary file, overlays without a state file are refused as before.
   - QEMU serves one client at a time on the guest agent's socket; another connected client makes O(quiesce) fail
     (or, with V(best_effort), be skipped).
 seealso:
@@ -412,6 +416,7 @@ job_id:
   sample: vmsnap-commit-4242-17
 """
 
+import dataclasses
 import os
 import typing as t
 
@@ -425,6 +430,7 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._live import (
     choose_disks,
     overlay_path,
     plan_live,
+    state_file_path,
     vm_fingerprint,
 )
 from ansible_collections.vmsnap.qemu.plugins.module_utils._live_execute import LiveOutcome, execute_live
@@ -435,6 +441,7 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._stale_jobs import (
     finish_orphaned_jobs,
     orphaned_owner,
     pause_marker_cleared,
+    process_gone,
     remove_leftover_overlay,
     resume_left_paused,
 )
@@ -443,6 +450,7 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._validate import (
     validate_snapshot_name,
 )
 from ansible_collections.vmsnap.qemu.plugins.module_utils._vm import describe_vm, status_or_none
+from ansible_collections.vmsnap.qemu.plugins.module_utils._vmstate import TEMP_MARK, wait_for_no_migration
 
 ARGUMENT_SPEC: dict[str, t.Any] = dict(
     socket=dict(type="path", required=True),
@@ -479,7 +487,26 @@ def main() -> t.NoReturn:
                 vm["jobs"] = [job for job in vm.get("jobs") or [] if orphaned_owner(job.get("id")) is None]
             result["vm_status"] = vm["status"]
             finished = _remove_leftover_overlays(module, qmp, request, vm) or finished
-            plan = plan_live(request, vm, qmp.version, qmp.execute("query-named-block-nodes"))
+            undo = _half_checkpoint(qmp, request, vm)
+            if undo is not None and not module.check_mode:
+                wait_for_no_migration(qmp, request.timeout)
+                _act(module, qmp, undo, None, vm_fingerprint(vm))
+                module.warn(
+                    f"Checkpoint {request.name!r} had its overlays but no RAM state file: the task that took it was "
+                    "killed before the state file was in place (its temporary file was there). The RAM of that "
+                    "instant is lost, so this run merged the overlays back and took the checkpoint again."
+                )
+                finished = True
+                vm = describe_vm(qmp)
+            if undo is not None and module.check_mode:
+                module.warn(
+                    f"Checkpoint {request.name!r} has its overlays but no RAM state file: the task that took it was "
+                    "killed before the state file was in place. The real run merges the overlays back and takes the "
+                    "checkpoint again; this plan shows the merge."
+                )
+                plan = undo
+            else:
+                plan = plan_live(request, vm, qmp.version, qmp.execute("query-named-block-nodes"))
             agent = _prepare_quiesce(module, plan, params["connect_timeout"], params["lock_timeout"])
             for warning in plan.warnings:
                 module.warn(warning)
@@ -566,6 +593,35 @@ def _remove_leftover_overlays(
             module.warn(note)
             removed = removed or note.startswith("Removed")
     return removed
+
+
+def _half_checkpoint(qmp: QmpClient, request: LiveRequest, vm: dict[str, t.Any]) -> LivePlan | None:
+    """A checkpoint with RAM whose task was killed after it took the overlays and before its state file was in place
+    (a temporary state file of a process that is gone lies beside it): the plan that merges those overlays back, so
+    the run can take the checkpoint again. Anything else (no such leftover, a state file there) is None."""
+    if request.mode != "external" or not request.vmstate or request.state != "present":
+        return None
+    nodes = qmp.execute("query-named-block-nodes")
+    try:
+        undo = plan_live(dataclasses.replace(request, state="absent", quiesce="off"), vm, qmp.version, nodes)
+    except VmsnapError:
+        return None  # the real plan refuses with its own message
+    if not undo.devices or any(device.action != "merge" for device in undo.devices):
+        return None
+    state_file = state_file_path(undo.devices[0].disk["file"], request.name, request.overlay_dir, undo.devices)
+    if os.path.isfile(state_file):
+        return None
+    folder, name = os.path.split(state_file)
+    prefix = f".{name}{TEMP_MARK}"
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return None
+    for entry in entries:
+        pid = entry[len(prefix) :].split("-", 1)[0] if entry.startswith(prefix) else ""
+        if pid.isdigit() and process_gone(int(pid)):
+            return undo
+    return None
 
 
 def _base_images(plan: LivePlan) -> dict[str, str] | None:

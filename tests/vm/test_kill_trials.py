@@ -690,3 +690,40 @@ def test_next_run_cancels_a_killed_live_backup_job(fleet_dir: Path) -> None:
         assert verified.result is not None and not verified.result.get("failed"), verified.result
     finally:
         vm.kill()
+
+
+def test_next_run_retakes_a_checkpoint_with_ram_whose_task_was_killed(fleet_dir: Path) -> None:
+    """An external checkpoint with RAM killed after its overlays and before its state file was renamed into place:
+    overlays, no state file, the killed task's temporary state file beside it. The next run used to refuse it ("has
+    its overlays, but no RAM state file") for good; now it merges the overlays back (the RAM of their instant is lost)
+    and takes the checkpoint again. Without the killed task's temporary file it still refuses (found by the kill
+    trials: qmp_live_snapshot_checkpoint_ram_present)."""
+    vm = NoOsVM(fleet_dir, "kills-half", disks=1, memory_mib=64).create_disks(0xAA, "16M")
+    vm.start()
+    try:
+        base = {"socket": str(vm.qmp), "name": "c", "mode": "external"}
+        assert ok_run("qmp_live_snapshot", {**base, "vmstate": False})["changed"]
+        vm.write(0x91)  # into the overlay
+        state = vm.folder / "disk0.vmsnap-c.vmstate"
+        refused = run_module("qmp_live_snapshot", {**base, "vmstate": True})
+        assert refused.result and refused.result.get("failed") and "no RAM state file" in refused.result["msg"]
+        temp = vm.folder / f".disk0.vmsnap-c.vmstate.vmsnap-tmp-{_dead_pid()}-17"
+        temp.write_bytes(b"QEVM")
+        checked = run_module("qmp_live_snapshot", {**base, "vmstate": True, "_ansible_check_mode": True})
+        assert checked.result and checked.result["changed"] is True and not checked.result.get("failed")
+        assert "The real run merges the overlays back" in str(checked.result.get("warnings"))
+        assert vm.active_file().name == "disk0.vmsnap-c.qcow2" and temp.exists()
+        result = converge("qmp_live_snapshot", {**base, "vmstate": True})
+        assert result["changed"] is True and "took the checkpoint again" in str(result.get("warnings")), result
+        names = sorted(p.name for p in vm.folder.iterdir() if "vmsnap" in p.name)
+        assert names == ["disk0.vmsnap-c.qcow2", "disk0.vmsnap-c.vmstate", "disk0.vmsnap-c.vmstate.json"], names
+        assert state.stat().st_size > 0 and vm.status() == "running" and vm.reads(0x91)
+        assert _backing(vm.active_file()) == str(vm.disks[0]) and qemu_io_reads(vm.disks[0], 0x91)
+    finally:
+        vm.kill()
+
+
+def ok_run(module: str, args: dict[str, t.Any]) -> dict[str, t.Any]:
+    run = run_module(module, args)
+    assert run.result is not None and not run.result.get("failed"), run.result
+    return run.result
