@@ -49,7 +49,7 @@ METADATA_TIMEOUT = 300.0
 DATA_TIMEOUT = 3600.0
 DATA_RATE = 5 * 1024 * 1024
 _METADATA_COMMANDS = frozenset(("info", "snapshot", "bitmap", "create", "measure", "amend", "resize"))
-# After SIGKILL, how long to wait for the process group to go (a process stuck on a dead NFS server may not).
+# After SIGKILL, how long to wait for the process to go (a process stuck on a dead NFS server may not).
 _REAP_SECONDS = 5.0
 
 T = t.TypeVar("T")
@@ -76,8 +76,8 @@ def execute_argv(cmd: list[str], timeout: float | None = None) -> tuple[int, str
 
     Plain subprocess rather than AnsibleModule.run_command: it costs about 4 ms less per call, which is
     most of the module's per-disk overhead over raw qemu-img (see docs/performance.md), and it is thread-safe.
-    After timeout seconds the process and everything it started (its own session) get SIGKILL and
-    subprocess.TimeoutExpired is raised.
+    After timeout seconds the process gets SIGKILL and subprocess.TimeoutExpired is raised. It stays in the
+    task's process group, so that whoever kills the task's group (a killed run, a test) kills it too.
     """
     # Not a with-block: its exit waits for the process, which may never end on a dead file server.
     proc = subprocess.Popen(  # pylint: disable=consider-using-with
@@ -88,22 +88,17 @@ def execute_argv(cmd: list[str], timeout: float | None = None) -> tuple[int, str
         env=dict(os.environ, **C_LOCALE),
         text=True,
         errors="surrogateescape",
-        start_new_session=True,
     )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_session(proc)
+        proc.kill()
+        # A process in uninterruptible sleep on a dead server gets the kill only when its I/O returns, and a
+        # child of a stand-in may hold the pipes: wait a little, never forever.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=_REAP_SECONDS)
         raise
     return proc.returncode, out, err
-
-
-def _kill_session(proc: subprocess.Popen[str]) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    # A process in uninterruptible sleep on a dead server gets the kill only when its I/O returns: do not wait.
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.communicate(timeout=_REAP_SECONDS)
 
 
 def _image_bytes(path: str) -> int:

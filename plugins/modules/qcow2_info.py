@@ -52,7 +52,7 @@ notes:
   - Every C(qemu-img) call has a time limit, so that a hung file system (an NFS server that stopped
     answering) cannot block the task forever. C(qemu-img info) gets 300 seconds; C(qemu-img check) gets
     3600 seconds plus one second per 5 MiB of the image (the larger of file size and virtual size). A call
-    that runs longer is killed with its process group and the task fails with a message naming the command,
+    that runs longer is killed and the task fails with a message naming the command,
     the image and the seconds.
 requirements:
   - C(qemu-img) (Debian/Ubuntu package C(qemu-utils)) on the target host.

@@ -144,7 +144,7 @@ notes:
     answering) cannot block the task, and the image lock it holds, forever. Metadata calls (info, snapshot,
     bitmap, create) get 300 seconds; calls that read guest data (check, convert, commit, rebase, compare, map)
     get 3600 seconds plus one second per 5 MiB of the images they name (the larger of file size and virtual
-    size). A call that runs longer is killed with its process group and the task fails with a message naming
+    size). A call that runs longer is killed and the task fails with a message naming
     the command, the image and the seconds; it never reports success.
 requirements:
   - C(qemu-img) (Debian/Ubuntu package C(qemu-utils)) on the target host.
