@@ -38,7 +38,12 @@ UNCHANGED = re.compile(
     r"(loaded|applied|recorded|touched|deleted|killed|cancelled)|refusing|no job started|nothing else was done",
     re.I,
 )
-AFTER = re.compile(r"\bbut\b|, but |was (taken|merged|committed|flattened|saved)|already|is done|were finalized", re.I)
+AFTER = re.compile(
+    r"was (committed|flattened|created|merged)\b|(were|was) taken, but|is done, but|changed as requested|were "
+    r"finalized|already removed|wrote the state, but|was saved, but|started, but|were merged, but|merged into its "
+    r"backing file|bitmap may have been cleared|recorded backups|these could not be removed",
+    re.I,
+)
 BEFORE_FILES = (
     "_validate.py",
     "_retention.py",
@@ -176,8 +181,10 @@ class Matcher:
 
 def situation(site: str) -> str:
     path, dummy, line = site.rpartition(":")
-    if not path.endswith(".py") or not int(line):
-        return "a `fail`/`assert` task of the role"
+    if not path.endswith(".py"):
+        text = (ROOT / path).read_text(encoding="utf-8").splitlines()[int(line) - 1] if int(line) else ""
+        name = text.split("name:", 1)[-1].strip() if "name:" in text else "a fail or assert task"
+        return f"task `{name}`".replace("|", "\\|")
     src = cat._Source(ROOT / path, {})
     node = next(
         (n for n in ast.walk(src.tree) if isinstance(n, ast.Call) and getattr(n, "lineno", 0) == int(line)),
@@ -206,12 +213,19 @@ def situation(site: str) -> str:
 IO_FILES = ("_qmp.py", "_qemu_img.py", "_guest_agent.py", "plugins/connection/")
 
 
-def change(message: str, sites: set[str]) -> str:
+PLANNING = re.compile(
+    r"^`_?(validate|check|plan|preflight|require|refuse|parse|read|find|from_|targets_from|request"
+    r"|probe|describe|decide|select|_item|_protected|retention_select|report_lines|unit_name"
+    r"|_refuse|_single|_require|mismatches|load|verify_record|label)"
+)
+
+
+def change(message: str, sites: set[str], where: str = "") -> str:
     if AFTER.search(message):
         return "after a partial change: the message says what was done and what holds"
     if UNCHANGED.search(message):
         return "nothing changed"
-    if all(any(part in site for part in BEFORE_FILES) for site in sites):
+    if all(any(part in site for part in BEFORE_FILES) for site in sites) or PLANNING.search(where):
         return "nothing changed (refused while planning)"
     if all(any(part in site for part in IO_FILES) for site in sites):
         return "where it happens: while planning nothing changed; after acting began the task reports changed"
@@ -243,8 +257,14 @@ def heading(path: str) -> str:
     return f"### `{path}`"
 
 
-def draft(messages: dict[str, set[str]]) -> str:
+Hand = t.Dict[str, t.Tuple[str, str, str]]
+
+
+def draft(messages: dict[str, set[str]], shown: dict[str, str] | None = None, hand: Hand | None = None) -> str:
+    """The tables; `hand` gives (situation, change, test) for messages checked by hand."""
     matcher = Matcher(test_index(), messages)
+    shown = shown or {}
+    hand = hand or {}
     by_file: dict[str, list[str]] = {}
     for message, sites in messages.items():
         by_file.setdefault(sorted(sites)[0].rpartition(":")[0], []).append(message)
@@ -255,12 +275,16 @@ def draft(messages: dict[str, set[str]]) -> str:
         rows = []
         for message in sorted(by_file[path], key=lambda m: sorted(messages[m])[0]):
             sites = messages[message]
-            test = matcher.best(message)
-            where = situation(sorted(sites)[0])
+            where, what, test = hand.get(message, ("", "", ""))
+            where = where or situation(sorted(sites)[0])
+            what = what or change(message, sites, where)
+            test = test or matcher.best(message)
+            text = cell(shown.get(message, message))
             if test == cat.NONE_YET:
-                untested.append(f"| `{path}` {where} | {cell(message)} | {change(message, sites)} | {test} |")
+                untested.append(f"| `{path}` {where} | {text} | {what} | {test} |")
             else:
-                rows.append(f"| {where} | {cell(message)} | {change(message, sites)} | `{test}` |")
+                tests = "<br>".join(f"`{one}`" for one in test.split("<br>"))
+                rows.append(f"| {where} | {text} | {what} | {tests} |")
         if rows:
             out += [heading(path), ""] + head + rows + [""]
     out += [cat.NONE_YET_HEADING, "", f"{len(untested)} refusals have no proving test yet.", ""] + head + untested
@@ -268,7 +292,8 @@ def draft(messages: dict[str, set[str]]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    messages = cat.code_messages(ROOT)
+    shown: dict[str, str] = {}
+    messages = cat.code_messages(ROOT, shown)
     if "--check" in argv:
         problems = cat.check(ROOT)
         print("\n".join(problems))
@@ -276,7 +301,7 @@ def main(argv: list[str]) -> int:
     if "--all" not in argv and cat.CATALOGUE.exists():
         listed = "\n".join(cat.normalise(m) for row in cat.catalogue_rows() for m in row.messages)
         messages = {m: s for m, s in messages.items() if m not in listed}
-    print(draft(messages))
+    print(draft(messages, shown))
     return 0
 
 

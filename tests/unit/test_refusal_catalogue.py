@@ -30,7 +30,7 @@ ERROR_NAME = re.compile(r"(Error|Exception|Refusal|Failure|FileNotFound|Timeout)
 # Raised and caught inside one file, never shown to a user: the native reader's decline, a start-up poll's timeout.
 INTERNAL = {"_Unsupported", "_StartTimeout"}
 # Classes whose message is not their first argument: (index of the text, the prefix the class adds).
-MESSAGE_ARG = {"PreflightRefusal": (2, "VM {}: ")}
+MESSAGE_ARG = {"PreflightRefusal": (2, "VM {vm}: ")}
 HEADER = ["Situation", "Message", "Change", "Test"]
 NONE_YET = "none yet"
 NONE_YET_HEADING = "## Refusals without a proving test yet"
@@ -54,6 +54,7 @@ class _Source:
     def __init__(self, path: pathlib.Path, helpers: dict[str, tuple[_Source, ast.AST]]) -> None:
         self.path = path
         self.helpers = helpers  # message helpers of every plugin file, by name
+        self.display = False  # placeholders as {} (for comparing) or as {the expression} (for tools/refusals.py)
         self.tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         self.functions: dict[str, ast.AST] = {}
         self.parents: dict[ast.AST, ast.AST] = {}
@@ -77,9 +78,9 @@ class _Source:
     def texts(self, expr: ast.AST | None, scope: ast.AST, depth: int = 0) -> list[str]:
         """The variants of a message expression, non-string parts as {}."""
         if expr is None or depth > 4:
-            return ["{}"]
+            return [self._placeholder(expr)]
         if isinstance(expr, ast.Constant):
-            return [expr.value] if isinstance(expr.value, str) else ["{}"]
+            return [expr.value] if isinstance(expr.value, str) else [self._placeholder(expr)]
         if isinstance(expr, ast.JoinedStr):
             pieces = []
             for value in expr.values:
@@ -88,7 +89,7 @@ class _Source:
                 elif isinstance(value, ast.FormattedValue) and isinstance(value.value, ast.Name):
                     pieces.append(self._name(value.value.id, scope, depth, inline=True))
                 else:
-                    pieces.append(["{}"])
+                    pieces.append([self._placeholder(getattr(value, "value", None))])
             return self._product(pieces)
         if isinstance(expr, ast.BinOp) and isinstance(expr.op, ast.Add):
             return self._product([self.texts(expr.left, scope, depth + 1), self.texts(expr.right, scope, depth + 1)])
@@ -96,7 +97,12 @@ class _Source:
             return self.texts(expr.body, scope, depth + 1) + self.texts(expr.orelse, scope, depth + 1)
         if isinstance(expr, ast.Name):
             return self._name(expr.id, scope, depth, inline=False)
-        return ["{}"]
+        return [self._placeholder(expr)]
+
+    def _placeholder(self, expr: ast.AST | None) -> str:
+        if not self.display or expr is None:
+            return "{}"
+        return "{" + ast.unparse(expr).replace("{", "(").replace("}", ")") + "}"
 
     def _product(self, pieces: list[list[str]]) -> list[str]:
         joined = ["".join(combo) for combo in itertools.islice(itertools.product(*pieces), MAX_VARIANTS)]
@@ -125,7 +131,7 @@ class _Source:
             if inline and not isinstance(value, (ast.Constant, ast.JoinedStr, ast.BinOp, ast.IfExp)):
                 continue
             found.extend(self.texts(value, scope, depth + 1))
-        return list(dict.fromkeys(found)) or ["{}"]
+        return list(dict.fromkeys(found)) or ["{" + name + "}" if self.display else "{}"]
 
     def extra_texts(self, expr: ast.AST, scope: ast.AST) -> list[str]:
         """Pieces a message gets elsewhere: `name += ...` additions, and a same-file helper's strings."""
@@ -170,18 +176,24 @@ def _call_name(node: ast.Call) -> str:
     return ""
 
 
-def code_messages(root: pathlib.Path = ROOT) -> dict[str, set[str]]:
-    """Normalised message -> where it comes from ("file:line")."""
+def code_messages(root: pathlib.Path = ROOT, shown: dict[str, str] | None = None) -> dict[str, set[str]]:
+    """Normalised message -> where it comes from ("file:line"); `shown` gets each with its placeholders' code."""
     found: dict[str, set[str]] = {}
 
     def add(texts: t.Iterable[str], where: str, line: int) -> None:
         for text in texts:
+            if where.endswith(".yml"):
+                text = re.sub(r"\{\{-?\s*(.*?)\s*-?\}\}", lambda m: "{" + re.sub(r"[{}]", "", m.group(1)) + "}", text)
             norm = normalise(text)
             if is_message(norm):
                 found.setdefault(norm, set()).add(f"{where}:{line}")
+                if shown is not None:
+                    shown.setdefault(norm, re.sub(r"\s+", " ", text).strip())
 
     helpers: dict[str, tuple[_Source, ast.AST]] = {}
     sources = [_Source(path, helpers) for pattern in CODE_GLOBS for path in sorted(root.glob(pattern))]
+    for src in sources:
+        src.display = shown is not None
     for src in sources:
         path = src.path
         where = str(path.relative_to(root))
@@ -214,13 +226,16 @@ def code_messages(root: pathlib.Path = ROOT) -> dict[str, set[str]]:
     for pattern in YAML_GLOBS:
         for path in sorted(root.glob(pattern)):
             where = str(path.relative_to(root))
+            lines = path.read_text(encoding="utf-8").splitlines()
             for task in _tasks(_load_yaml(path)):
                 for action in ("ansible.builtin.fail", "fail", "ansible.builtin.assert", "assert"):
                     args = task.get(action)
                     if isinstance(args, dict):
+                        name = str(task.get("name", ""))
+                        line = next((i for i, text in enumerate(lines, 1) if name and name in text), 0)
                         for key in ("msg", "fail_msg"):
                             if isinstance(args.get(key), str):
-                                add([args[key]], where, 0)
+                                add([args[key]], where, line)
     return found
 
 
