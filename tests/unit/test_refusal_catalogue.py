@@ -13,6 +13,7 @@ string pieces. Placeholders (`{...}` of f-strings, `{{ ... }}` of Jinja, `{name}
 from __future__ import annotations
 
 import ast
+import builtins
 import functools
 import itertools
 import pathlib
@@ -27,8 +28,9 @@ CODE_GLOBS = ("plugins/modules/*.py", "plugins/module_utils/*.py", "plugins/conn
 YAML_GLOBS = ("roles/*/tasks/*.yml", "playbooks/*.yml", "playbooks/tasks/*.yml")
 
 ERROR_NAME = re.compile(r"(Error|Exception|Refusal|Failure|FileNotFound|Timeout)$")
-# Raised and caught inside one file, never shown to a user: the native reader's decline, a start-up poll's timeout.
-INTERNAL = {"_Unsupported", "_StartTimeout"}
+# Raised and caught inside one file, never shown to a user: the native reader's decline, a start-up poll's timeout;
+# and Python's own exceptions, which the code raises only as internal signals or guards (never a module's answer).
+INTERNAL = {"_Unsupported", "_StartTimeout"} | {name for name in vars(builtins) if ERROR_NAME.search(name)}
 # Classes whose message is not their first argument: (index of the text, the prefix the class adds).
 MESSAGE_ARG = {"PreflightRefusal": (2, "VM {vm}: ")}
 HEADER = ["Situation", "Message", "Change", "Test"]
