@@ -168,7 +168,13 @@ def connect(vm: str, socket_path: str | None, timeout: float) -> QmpClient | Non
     """
     if socket_path is None or not os.path.lexists(socket_path):
         return None
-    if not stat.S_ISSOCK(os.stat(socket_path).st_mode):
+    try:
+        mode = os.stat(socket_path).st_mode
+    except OSError as exc:
+        raise PreflightRefusal(
+            vm, "socket", f"{socket_path} cannot be read ({exc.strerror or exc}); give the VM's QMP socket."
+        ) from None
+    if not stat.S_ISSOCK(mode):
         raise PreflightRefusal(vm, "socket", f"{socket_path} is not a socket; give the VM's QMP socket.")
     qmp = QmpClient(socket_path, connect_timeout=timeout, command_timeout=max(timeout, 30.0))
     try:
@@ -496,11 +502,21 @@ def space_needs(preflight: Preflight) -> list[SpaceNeed]:
 
 
 def _device_of(folder: str) -> int:
-    return os.stat(folder).st_dev
+    try:
+        return os.stat(folder).st_dev
+    except OSError as exc:
+        raise VmsnapError(
+            f"Cannot check the free space in {folder}: {exc.strerror or exc}. Nothing was changed.", folder=folder
+        ) from None
 
 
 def _free_bytes(folder: str) -> int:
-    st = os.statvfs(folder)
+    try:
+        st = os.statvfs(folder)
+    except OSError as exc:
+        raise VmsnapError(
+            f"Cannot check the free space in {folder}: {exc.strerror or exc}. Nothing was changed.", folder=folder
+        ) from None
     return st.f_bavail * st.f_frsize
 
 

@@ -13,6 +13,7 @@ import typing as t
 
 import pytest
 
+from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import VmsnapError
 from ansible_collections.vmsnap.qemu.plugins.module_utils._preflight import (
     Disk,
     Preflight,
@@ -22,6 +23,7 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._preflight import (
     VmView,
     bitmap_warnings,
     check_counts,
+    connect,
     count_after,
     decide_method,
     disk_from_qmp,
@@ -329,6 +331,25 @@ def test_space_is_summed_per_file_system() -> None:
     )
     assert exc.details["space"] == space
     refuse_short("web01", "external", space[:1])
+
+
+def test_a_folder_that_cannot_be_read_is_an_error_not_a_traceback(tmp_path: pathlib.Path) -> None:
+    missing = str(tmp_path / "gone")
+    expected = f"Cannot check the free space in {missing}: No such file or directory. Nothing was changed."
+    with pytest.raises(VmsnapError) as info:  # os.stat fails
+        sum_space([SpaceNeed(missing, growth=GIB)])
+    assert info.value.msg == expected
+    with pytest.raises(VmsnapError) as info:  # os.statvfs fails (the folder went away after the stat)
+        sum_space([SpaceNeed(missing, growth=GIB)], device_of=lambda folder: 1)
+    assert info.value.msg == expected
+
+
+def test_a_socket_path_that_is_a_dangling_symlink_is_refused(tmp_path: pathlib.Path) -> None:
+    link = tmp_path / "web01.qmp"
+    link.symlink_to(tmp_path / "nowhere")
+    exc = refusal(connect, "web01", str(link), 1.0)
+    assert exc.reason == "socket"
+    assert exc.msg == f"VM web01: {link} cannot be read (No such file or directory); give the VM's QMP socket."
 
 
 def test_space_message_without_ram_names_snapshot_growth() -> None:
