@@ -575,8 +575,10 @@ def _load(qmp: QmpClient, plan: LivePlan) -> None:
         if exc.details.get("vm_died"):
             exc.msg += (
                 f" QEMU was loading snapshot {request.name!r}: its disks may already hold the snapshot's data, "
-                "without the RAM that goes with it. Start the VM paused (-S) and run this task again to load the "
-                "snapshot whole."
+                "without the RAM that goes with it. If qemu-img check then reports only leaked clusters and "
+                "OFLAG_COPIED errors with refcount=2 (a revert cut short leaves clusters counted twice), qemu-img "
+                "check -r all repairs them without touching data. Start the VM paused (-S) and run this task again "
+                "to load the snapshot whole."
             )
             exc.details["vm_status"] = None
             raise
