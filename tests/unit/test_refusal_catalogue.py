@@ -46,8 +46,8 @@ def normalise(text: str) -> str:
 
 
 def is_message(text: str) -> bool:
-    """A text worth cataloguing: it has words beyond placeholders and punctuation."""
-    return len(re.findall(r"[A-Za-z]{2,}", text.replace("{}", " "))) >= 2
+    """A text worth cataloguing: it has a word beyond placeholders and punctuation."""
+    return bool(re.search(r"[A-Za-z]{2,}", text.replace("{}", " ")))
 
 
 class _Source:
@@ -165,7 +165,7 @@ class _Source:
                 values.append(arg.elt if isinstance(arg, (ast.GeneratorExp, ast.ListComp)) else arg)
             for value in values:
                 texts = self.texts(value, helper)
-                out.extend(text for text in texts if len(re.findall(r"[A-Za-z]{2,}", text)) >= 4)
+                out.extend(text for text in texts if len(re.findall(r"[A-Za-z]{2,}", normalise(text))) >= 4)
         return out
 
 
