@@ -298,8 +298,20 @@ def catalogue_rows(path: pathlib.Path = CATALOGUE) -> list[Row]:
 
 @functools.cache
 def _python_defs(path: pathlib.Path) -> frozenset[str]:
-    """Names of the functions and classes a test file defines (a regex: parsing every test file is slow)."""
-    return frozenset(re.findall(r"^\s*(?:async\s+)?(?:def|class)\s+(\w+)", path.read_text(encoding="utf-8"), re.M))
+    """The test functions a file defines, as "name" or "Class::name" (pytest's places for them: top level, or
+    one level into a class). Read line by line: parsing every test file would cost most of this test's time."""
+    found = set()
+    cls = None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        top = re.match(r"(?:async\s+)?(def|class)\s+(\w+)", line)
+        if top:
+            cls = top.group(2) if top.group(1) == "class" else None
+            found.add(top.group(2))
+        elif cls and re.match(r"    (?:async\s+)?def\s+(\w+)", line):
+            found.add(f"{cls}::{line.split('def', 1)[1].split('(')[0].strip()}")
+        elif line and not line[0].isspace() and not line.startswith(("#", "@", ")", "]")):
+            cls = None
+    return frozenset(found)
 
 
 @functools.cache
@@ -322,10 +334,8 @@ def _test_exists(reference: str, root: pathlib.Path) -> str | None:
         return f"{parts[0]} does not exist"
     if len(parts) < 2:
         return "no test function named"
-    for name in parts[1:]:
-        if re.sub(r"\[.*\]$", "", name) not in _python_defs(path):
-            return f"no {name} in {parts[0]}"
-    return None
+    name = "::".join(re.sub(r"\[.*\]$", "", part) for part in parts[1:])
+    return None if name in _python_defs(path) else f"no test {name} in {parts[0]}"
 
 
 def _covered(message: str, texts: list[str]) -> bool:
