@@ -260,7 +260,7 @@ def layer_digest(qemu_img: QemuImg, path: str, scratch: str) -> tuple[str, int]:
     qemu-img convert of the layer alone into a sparse raw file in scratch. Reading only this file's own data keeps an
     incremental's checksum proportional to its changes.
     """
-    extents = qemu_img.run_json(["map", "--output=json", "--", layer_spec(path)])
+    extents = _checked_extents(qemu_img.run_json(["map", "--output=json", "--", layer_spec(path)]), path)
     merged: list[list[t.Any]] = []  # [kind, start, length, pieces[(from_raw, offset, length)]]
     need_raw = False
     for ext in extents:
@@ -302,6 +302,21 @@ def layer_digest(qemu_img: QemuImg, path: str, scratch: str) -> tuple[str, int]:
     return digest.hexdigest(), defined
 
 
+def _checked_extents(extents: t.Any, path: str) -> list[dict[str, t.Any]]:
+    """qemu-img map's extents, each with whole-number start, length and (when given) offset, or the error family."""
+    if not isinstance(extents, list):
+        raise B.BackupError(f"Unexpected qemu-img map output for {path}: not a list of extents.")
+    for ext in extents:
+        fields = ("start", "length", "offset") if isinstance(ext, dict) and "offset" in ext else ("start", "length")
+        if not isinstance(ext, dict) or not all(_whole(ext.get(name)) for name in fields):
+            raise B.BackupError(f"Unexpected qemu-img map output for {path}: an extent without {'/'.join(fields)}.")
+    return extents
+
+
+def _whole(value: t.Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _hash_range(digest: t.Any, handle: t.BinaryIO, offset: int, size: int) -> None:
     fd = handle.fileno()
     while size > 0:
@@ -315,7 +330,11 @@ def _hash_range(digest: t.Any, handle: t.BinaryIO, offset: int, size: int) -> No
 
 def measure_required(qemu_img: QemuImg, path: str, force_share: bool) -> int:
     args = ["measure", "--output=json", "-O", "qcow2"] + (["-U"] if force_share else []) + ["--", path]
-    return int(qemu_img.run_json(args)["required"])
+    measured = qemu_img.run_json(args)
+    required = measured.get("required") if isinstance(measured, dict) else None
+    if not _whole(required):
+        raise B.BackupError(f"Unexpected qemu-img measure output for {path}: no 'required' size in {measured!r:.200}.")
+    return t.cast(int, required)
 
 
 def free_bytes(folder: str) -> int:
