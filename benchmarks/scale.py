@@ -16,7 +16,8 @@ Four parts, each comparing like with like in the same run (medians of interleave
 - vm_info: qemu_vm_info over 50 running VMs without a guest OS (tests/vm/fleet.py, -S: started paused, so they
   cost no CPU) by sockets_glob, against one VM, in this process and as an Ansible task.
 - paths: qcow2_snapshot paths: over 200 images (present, then absent) against a 1-image task and a raw
-  `qemu-img snapshot -c` / `-d` shell loop over 200 other images.
+  `qemu-img snapshot -c` / `-d` shell loop over 200 other images (and `-c` through `xargs -P`, as many at a time as
+  the module), alternating round by round with the module's plays.
 
 Usage (from the repo root, with the collection on ANSIBLE_COLLECTIONS_PATH):
   make bench-scale   [BENCH_SCALE_PARTS=snapshots,dependants,vm_info,paths] [BENCH_ROUNDS=5]
@@ -349,6 +350,11 @@ def raw_loop(paths: list[str], flag: str, name: str) -> float:
     return timed(lambda: subprocess.run(["bash", "-c", script, name, *paths], check=True))
 
 
+def raw_parallel(paths: list[str], name: str, jobs: int, flag: str = "-c") -> float:
+    argv = ["xargs", "-0", "-P", str(jobs), "-n", "1", "qemu-img", "snapshot", flag, name]
+    return timed(lambda: subprocess.run(argv, input="\0".join(paths), text=True, check=True))
+
+
 def part_paths(work: Path) -> None:
     folder = work / "paths"
     folder.mkdir()
@@ -360,27 +366,31 @@ def part_paths(work: Path) -> None:
             images.append(str(path))
     single = str(folder / "single.qcow2")
     sh(["qemu-img", "create", "-q", "-f", "qcow2", single, "16M"])
-    tasks: list[dict[str, t.Any]] = []
+    rows: list[dict[str, t.Any]] = []
+    raw: dict[str, list[float]] = {"-c": [], "-d": [], "-c parallel": []}
+    jobs = max(2, min(8, os.cpu_count() or 1))  # the module's _qemu_img.MAX_PARALLEL
+    # Module and raw runs alternate round by round (each state's play, then its raw loop, or the other way round),
+    # so that both see the same moments of a shared machine's load.
     for rnd in range(ROUNDS):
-        tasks += [
-            command_true(rnd),
-            {"name": f"one-present#{rnd}", "vmsnap.qemu.qcow2_snapshot": {"path": single, "name": f"b{rnd}"}},
-            {"name": f"many-present#{rnd}", "vmsnap.qemu.qcow2_snapshot": {"paths": module_images, "name": f"b{rnd}"}},
-            {
-                "name": f"one-absent#{rnd}",
-                "vmsnap.qemu.qcow2_snapshot": {"path": single, "name": f"b{rnd}", "state": "absent"},
-            },
-            {
-                "name": f"many-absent#{rnd}",
-                "vmsnap.qemu.qcow2_snapshot": {"paths": module_images, "name": f"b{rnd}", "state": "absent"},
-            },
-        ]
-    tasks_med = task_medians(timed_play(tasks, work, "scale-paths"))
-    raw_c = med(raw_loop(raw_images, "-c", f"raw-{rnd}") for rnd in range(ROUNDS))
-    raw_d_runs = []
-    for rnd in range(ROUNDS):
-        raw_d_runs.append(raw_loop(raw_images, "-d", f"raw-{rnd}"))
-    raw_d = med(raw_d_runs)
+        for state, flag in (("present", "-c"), ("absent", "-d")):
+            args = {"name": f"b{rnd}", "state": state}
+            tasks = [
+                command_true(rnd),
+                {"name": f"one-{state}#{rnd}", "vmsnap.qemu.qcow2_snapshot": dict(args, path=single)},
+                {"name": f"many-{state}#{rnd}", "vmsnap.qemu.qcow2_snapshot": dict(args, paths=module_images)},
+            ]
+            steps = [
+                lambda: rows.extend(timed_play(tasks, work, f"scale-paths-{state}-{rnd}")),  # noqa: B023
+                lambda: raw[flag].append(raw_loop(raw_images, flag, f"raw-{rnd}")),  # noqa: B023
+            ]
+            if flag == "-c":
+                steps.append(lambda: raw["-c parallel"].append(raw_parallel(raw_images, f"rawp-{rnd}", jobs)))  # noqa: B023
+            else:
+                steps.append(lambda: raw_parallel(raw_images, f"rawp-{rnd}", jobs, "-d"))  # noqa: B023
+            for step in steps if rnd % 2 == 0 else reversed(steps):
+                step()
+    tasks_med = task_medians(rows)
+    raw_c, raw_d, raw_cp = med(raw["-c"]), med(raw["-d"]), med(raw["-c parallel"])
     print(f"### qcow2_snapshot paths: over {PATHS} images ({ROUNDS} rounds, medians)")
     print()
     print(
@@ -388,15 +398,22 @@ def part_paths(work: Path) -> None:
         f"| raw shell loop over {PATHS} | raw per image | ratio per image |"
     )
     print("|---|---|---|---|---|---|---|")
-    for state, raw in (("present", raw_c), ("absent", raw_d)):
+    for state, raw_total in (("present", raw_c), ("absent", raw_d)):
         one, many = tasks_med[f"one-{state}"], tasks_med[f"many-{state}"]
         per_image = (many - one) / (PATHS - 1)
         flag = "-c" if state == "present" else "-d"
         print(
-            f"| {state} (raw: `qemu-img snapshot {flag}`) | {ms(one)} | {ms(many)} | {ms(per_image)} | {ms(raw)} "
-            f"| {ms(raw / PATHS)} | **{per_image / (raw / PATHS):.2f}x** |"
+            f"| {state} (raw: `qemu-img snapshot {flag}`) | {ms(one)} | {ms(many)} | {ms(per_image)} "
+            f"| {ms(raw_total)} | {ms(raw_total / PATHS)} | **{per_image / (raw_total / PATHS):.2f}x** |"
         )
     print(f"| `command: true` task | {ms(tasks_med['command-true'])} | | | | | |")
+    print()
+    per_image = (tasks_med["many-present"] - tasks_med["one-present"]) / (PATHS - 1)
+    print(
+        f"Like for like with the module's creates ({jobs} at a time): raw `qemu-img snapshot -c` through "
+        f"`xargs -P {jobs}` over {PATHS} images {ms(raw_cp)}, {ms(raw_cp / PATHS)} per image; the module's present "
+        f"per image / that: **{per_image / (raw_cp / PATHS):.2f}x**."
+    )
     print()
 
 
