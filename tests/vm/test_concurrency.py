@@ -14,6 +14,7 @@ test that needs it runs through `ansible` to show how the lock names a module ru
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -83,8 +84,15 @@ def test_four_tasks_on_one_vm_take_turns(fleet_dir: Path) -> None:
         start_module("qmp_live_snapshot", {"socket": str(vm.qmp), "name": "turn-b", "connect_timeout": 1}, work),
         start_module("qemu_vm_info", {"socket": str(vm.qmp), "connect_timeout": 1}, work),
     ]
+    lock = vm_lock_file(vm.qmp)
+    holders: set[int] = set()
+    while any(proc.poll() is None for proc in procs):  # who holds the VM's turn, while all four run
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            holders.add(int(lock.read_text().split()[1]))
+        time.sleep(0.01)
     results = [result_of(proc) for proc in procs]
     assert [r.get("failed", False) for r in results] == [False] * 4, [r.get("msg") for r in results]
+    assert {procs[0].pid, procs[2].pid} <= holders  # each snapshot task held the VM in its turn
     assert results[0]["changed"] and results[2]["changed"]
     for info in (results[1], results[3]):
         (seen,) = info["vms"]
