@@ -343,7 +343,7 @@ class FakeQemuImg:
         self.calls: list[list[str]] = []
         self.fail = fail
 
-    def __call__(self, cmd: list[str]) -> tuple[int, str, str]:
+    def __call__(self, cmd: list[str], timeout: float | None = None) -> tuple[int, str, str]:
         self.calls.append(cmd)
         if self.fail:
             return 1, "", "qemu-img: Could not open backing file: No such file"
