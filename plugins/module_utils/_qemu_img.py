@@ -170,7 +170,7 @@ class QemuImg:
         out = self.run(args)
         try:
             return json.loads(out)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser's stack
             cmd = [self.binary] + args
             raise QemuImgError(f"Could not parse the JSON output of {' '.join(cmd)}: {exc}", cmd, 0, out, "") from None
 
@@ -229,10 +229,10 @@ class QemuImg:
             raise self._error(cmd, rc, out, err)
         try:
             result = json.loads(out)
-        except ValueError:
-            raise QemuImgError(
-                f"Could not parse the JSON output of qemu-img check for {path}", cmd, rc, out, err
-            ) from None
+        except (ValueError, RecursionError):
+            result = None
+        if not isinstance(result, dict):
+            raise QemuImgError(f"Could not parse the JSON output of qemu-img check for {path}", cmd, rc, out, err)
         result["rc"] = rc
         return result
 
@@ -265,7 +265,17 @@ class QemuImg:
     def allocated_bytes(self, path: str) -> int:
         """Guest bytes that path itself defines (data or zeroes, not its backing files), from qemu-img map."""
         extents = self.run_json(["map", "--output=json", "--", path])
-        return sum(int(ext["length"]) for ext in extents if ext.get("present") and ext.get("depth") == 0)
+        if not isinstance(extents, list) or not all(
+            isinstance(ext, dict) and isinstance(ext.get("length"), int) and ext["length"] >= 0 for ext in extents
+        ):
+            raise QemuImgError(
+                f"Unexpected qemu-img map output for {path}: an extent without a length.",
+                [self.binary, "map", "--output=json", "--", path],
+                0,
+                json.dumps(extents)[:2000],
+                "",
+            )
+        return sum(ext["length"] for ext in extents if ext.get("present") and ext.get("depth") == 0)
 
     def compare(self, first: str, second: str) -> bool:
         """Whether two images show the guest the same data; rc 1 means they differ, anything else is an error."""

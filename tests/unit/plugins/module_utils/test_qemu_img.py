@@ -114,6 +114,49 @@ def test_unexpected_json_shape_is_an_error() -> None:
         QemuImg(module).info("/x.qcow2")
 
 
+DEEP = "[" * 100000 + "]" * 100000
+
+
+@pytest.mark.parametrize(
+    "out", ["[]", "null", "5", '"x"', DEEP, "{"], ids=["list", "null", "number", "string", "deep", "cut"]
+)
+def test_check_output_that_is_not_an_object_is_an_error(out: str) -> None:
+    with pytest.raises(QemuImgError, match="Could not parse the JSON output of qemu-img check for /a.qcow2"):
+        QemuImg(Replay([(0, out, "")])).check("/a.qcow2")
+
+
+def test_deeply_nested_json_is_an_error_not_a_recursion_error() -> None:
+    with pytest.raises(QemuImgError, match="Could not parse the JSON output"):
+        QemuImg(Replay([(0, DEEP, "")])).info("/x.qcow2")
+
+
+@pytest.mark.parametrize(
+    "out",
+    [
+        "{}",
+        "[1]",
+        '[{"start": 0, "present": true, "depth": 0}]',
+        '[{"start": 0, "length": null, "present": true, "depth": 0}]',
+        '[{"start": 0, "length": "5", "present": true, "depth": 0}]',
+        '[{"start": 0, "length": -1, "present": true, "depth": 0}]',
+    ],
+)
+def test_map_output_of_the_wrong_shape_is_an_error(out: str) -> None:
+    with pytest.raises(QemuImgError, match="Unexpected qemu-img map output for /a.qcow2: an extent without a length"):
+        QemuImg(Replay([(0, out, "")])).allocated_bytes("/a.qcow2")
+
+
+def test_allocated_bytes_counts_the_layers_own_extents() -> None:
+    out = json.dumps(
+        [
+            {"start": 0, "length": 65536, "depth": 0, "present": True, "zero": False, "data": True, "offset": 327680},
+            {"start": 65536, "length": 65536, "depth": 1, "present": True, "zero": False, "data": True},
+            {"start": 131072, "length": 131072, "depth": 0, "present": False, "zero": False, "data": False},
+        ]
+    )
+    assert QemuImg(Replay([(0, out, "")])).allocated_bytes("/a.qcow2") == 65536
+
+
 def test_check_keeps_rc_for_corrupt_and_leaks(recorded) -> None:
     clean = json.dumps(recorded.json("check-clean.json"))
     module = Replay([(0, clean, ""), (3, clean, ""), (63, "", "qemu-img: This image format does not support checks")])
