@@ -167,7 +167,7 @@ vm-tests:
 	cd tests/vm && $(VENV)/bin/python -c 'from tiny_guest import build_tiny_guest, default_cache_dir as d; build_tiny_guest(d())'
 	ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) $(VENV)/bin/pytest -p no:cacheprovider -q -rs -n 2 --dist loadfile --durations=12 tests/vm
 
-# The kill trials of tests/vm/test_kill_trials.py (SIGKILL of the module process at seeded moments) with many more
+# The kill trials of tests/vm/test_kill_trials*.py (SIGKILL of the module process at seeded moments) with many more
 # trials per task kind and other seeds than make test runs (a trial takes 2-5 s: about 30 min per seed);
 # VMSNAP_SOAK_TRIALS / VMSNAP_SOAK_SEEDS override. Each
 # trial prints a line that names its seed and index (VMSNAP_KILL_SEED=S VMSNAP_KILL_ONLY=group:index replays it).
@@ -177,7 +177,7 @@ VMSNAP_SOAK_SEEDS ?= 1 2 3
 soak: deps copy
 	for seed in $(VMSNAP_SOAK_SEEDS); do \
 	  VMSNAP_KILL_SEED=$$seed VMSNAP_SOAK_TRIALS=$(VMSNAP_SOAK_TRIALS) ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) \
-	    $(VENV)/bin/pytest -p no:cacheprovider -q -s tests/vm/test_kill_trials.py || exit 1; \
+	    $(VENV)/bin/pytest -p no:cacheprovider -q -s -k test_kill_ tests/vm/test_kill_trials.py tests/vm/test_kill_trials_live.py || exit 1; \
 	done
 
 # The native qcow2 reader fuzzed far longer than make test does (tests/unit/plugins/module_utils/test_qcow2_fuzz.py):
