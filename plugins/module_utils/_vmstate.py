@@ -865,6 +865,28 @@ def already_restored_into(sidecar: Sidecar | None, facts: VmFacts) -> bool:
     )
 
 
+def _restore_marker(sidecar: Sidecar) -> str:
+    return f"vmsnap-restored-{str(sidecar.sha256)[:40]}"
+
+
+def _mark_restoring(qmp: QmpClient, sidecar: Sidecar) -> None:
+    """Before the load: a marker object in the waiting QEMU that names the state (an empty QOM secret; objects stay
+    through an incoming migration and end with the process), so that the next run knows this QEMU loaded it even when
+    the task was killed before it recorded the restore in the sidecar."""
+    with contextlib.suppress(QmpError):
+        qmp.execute("object-add", {"qom-type": "secret", "id": _restore_marker(sidecar), "data": "vmsnap"})
+
+
+def restored_by_killed_task(qmp: QmpClient, sidecar: Sidecar | None) -> bool:
+    """Whether this QEMU has completed loading this state for a task that could not record it (it was killed)."""
+    if sidecar is None or not sidecar.sha256:
+        return False
+    names = {str(entry.get("name")) for entry in qmp.execute("qom-list", {"path": "/objects"}) or []}
+    if _restore_marker(sidecar) not in names:
+        return False
+    return (qmp.execute("query-migrate") or {}).get("status") == "completed"
+
+
 def restore_state(
     qmp: QmpClient, path: str, sidecar: Sidecar, facts: VmFacts, after: str, timeout: float
 ) -> RestoreOutcome:
@@ -886,6 +908,7 @@ def restore_state(
         fd_given = True
         if feeder is not None:
             feeder.start()
+        _mark_restoring(qmp, sidecar)
         incoming = "sent"
         try:
             qmp.execute("migrate-incoming", {"uri": f"fd:{fd_name}"})

@@ -267,6 +267,7 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._vmstate import (
     refuse_unrestorable,
     refuse_unsaveable,
     restore_state,
+    restored_by_killed_task,
     save_state,
     sidecar_path,
 )
@@ -409,7 +410,9 @@ def _restored(module: AnsibleModule, result: dict[str, t.Any]) -> None:
         vm = describe_vm(qmp)
         result["vm_status"] = vm["status"]
         facts = read_vm_facts(qmp, vm)
-        if facts.status != "inmigrate" and already_restored_into(sidecar, facts):
+        if facts.status != "inmigrate" and (
+            already_restored_into(sidecar, facts) or restored_by_killed_task(qmp, sidecar)
+        ):
             _converge_restored(module, qmp, result, facts.running)
             result.update(size=os.path.getsize(path), sidecar=t.cast(Sidecar, sidecar).as_dict())
             return

@@ -25,6 +25,8 @@ import typing as t
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fleet import NoOsVM
+
 REPO = Path(__file__).resolve().parents[2]
 SEED = int(os.environ.get("VMSNAP_KILL_SEED", "11"))
 REPORT = os.environ.get("VMSNAP_KILL_REPORT")  # a JSON-lines file: one line per trial
@@ -205,6 +207,176 @@ def classify(before: t.Any, after: t.Any, target: t.Any) -> str:
     if after == target:
         return "done"
     return "mid-way"
+
+
+def qmp(sock_path: Path | str, command: str, arguments: dict[str, t.Any] | None = None) -> t.Any:
+    """One QMP command with an id; replies with another id are skipped. Right after a kill, a query-status without
+    ids (fleet.qmp_execute) once read a reply without a status: a reply that was not its own. With ids, a trial reads
+    only its own replies."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(120)
+        sock.connect(os.fspath(sock_path))
+        reader = sock.makefile("rb")
+        json.loads(reader.readline())  # greeting
+        reply: dict[str, t.Any] = {}
+        for number, request in enumerate(({"execute": "qmp_capabilities"}, {"execute": command})):
+            request["id"] = f"kills-{number}"
+            if number == 1 and arguments is not None:
+                request["arguments"] = arguments
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            while True:
+                reply = json.loads(reader.readline())
+                if reply.get("id") == request["id"]:
+                    break
+        if "error" in reply:
+            raise RuntimeError(f"QMP {command} failed: {reply['error']}")
+        return reply["return"]
+
+
+def vm_status(vm: NoOsVM) -> str:
+    return str(qmp(vm.qmp, "query-status")["status"])
+
+
+def flush(vm: NoOsVM, drive: str = "drive0") -> None:
+    qmp(vm.qmp, "human-monitor-command", {"command-line": f'qemu-io {drive} "flush"'})
+
+
+# -- the trial and what the tests share --------------------------------------------------------------------
+
+
+def trial(
+    group: str,
+    index: int,
+    window: list[float],
+    module: str,
+    args: dict[str, t.Any],
+    observe: t.Callable[[], t.Any],
+    check: t.Callable[[], None],
+    target: t.Any = None,
+) -> Outcome:
+    """Kill one run at a seeded moment, check, converge, check again."""
+    share = fraction(group, index)
+    delay = window[0] + share * (window[1] - window[0])
+    before = observe()
+    run = run_module(module, args, kill_after=delay)
+    if not run.killed:
+        # Finished before the kill (the machine was busier when the window was measured): later trials of this
+        # group draw from the shortest full run seen.
+        window[1] = min(window[1], run.elapsed)
+        window[0] = min(window[0], window[1] * 0.8)
+    after = observe()
+    check()
+    result = converge(module, args, repeat_unchanged=args.get("state") != "reverted")
+    converged = observe()
+    check()
+    if target is not None:
+        assert converged == target, f"{group}:{index}: converged to {converged}, wanted {target}"
+    outcome = Outcome(
+        group,
+        index,
+        share,
+        delay,
+        run.killed,
+        classify(before, after, converged) if run.killed else "not killed (finished first)",
+        "changed" if result["changed"] else "unchanged",
+        run.orphans,
+    )
+    for warning in result.get("warnings") or []:
+        text = str(warning.get("event", {}).get("msg", warning) if isinstance(warning, dict) else warning)
+        outcome.notes.append(f"warning={text[:160]!r}")
+    record(outcome)
+    return outcome
+
+
+def measure(module: str, args: dict[str, t.Any]) -> list[float]:
+    """The window where the task works: from the end of a check-mode run (start-up, reads and planning; 10% earlier
+    for noise) to the end of the real run."""
+    check = run_module(module, {**args, "_ansible_check_mode": True})
+    assert check.result is not None and not check.result.get("failed"), check.result
+    run = run_module(module, args)
+    assert run.result is not None and not run.result.get("failed"), run.result
+    return [min(check.elapsed, run.elapsed) * 0.9, run.elapsed]
+
+
+def snapshots(path: Path) -> list[str]:
+    import json
+    import subprocess
+
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "-U", "--output=json", str(path)], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    return sorted(snap["name"] for snap in info.get("snapshots") or [])
+
+
+# -- offline ------------------------------------------------------------------------------------------------------
+
+
+def make_chain(folder: Path) -> tuple[Path, Path]:
+    """base: 0xAA at 0, 0x11 at 8M; overlay: 0xBB over the first 8M (enough data for the commit/convert to take a
+    moment)."""
+    import subprocess
+
+    for leftover in folder.iterdir():
+        assert leftover.is_file(), f"{leftover} left behind"
+        leftover.unlink()
+    base, overlay = folder / "base.qcow2", folder / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "32M"], check=True)
+    qemu_io_write(base, 0xAA, "0", "8M")
+    qemu_io_write(base, 0x11, "8M", "8M")
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(overlay)], check=True
+    )
+    qemu_io_write(overlay, 0xBB, "0", "8M")
+    return base, overlay
+
+
+def backing(path: Path) -> str | None:
+    import json
+    import subprocess
+
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "-U", "--output=json", str(path)], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    return info.get("backing-filename")
+
+
+def vmsnap_jobs(vm: NoOsVM) -> list[dict[str, t.Any]]:
+    return [job for job in qmp(vm.qmp, "query-jobs") if str(job.get("id", "")).startswith("vmsnap-")]
+
+
+def settle(vm: NoOsVM) -> None:
+    """QEMU goes on with a killed task's job or state save on its own: wait until it no longer writes (a job that
+    waits in 'ready' writes nothing new) before an image is checked with -U."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        busy = [job for job in qmp(vm.qmp, "query-jobs") if job.get("status") in ("created", "running")]
+        migrating = qmp(vm.qmp, "query-migrate").get("status") in ("setup", "active", "device")
+        if not busy and not migrating:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{vm.name}: QEMU still busy after 120 s")
+
+
+def dead_pid() -> int:
+    import subprocess
+
+    proc = subprocess.run(["true"], check=True)
+    del proc
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def ok_run(module: str, args: dict[str, t.Any]) -> dict[str, t.Any]:
+    run = run_module(module, args)
+    assert run.result is not None and not run.result.get("failed"), run.result
+    return run.result
 
 
 def summary(report: str) -> str:
