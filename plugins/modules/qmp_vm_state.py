@@ -133,6 +133,11 @@ notes:
     is paused, the next O(state=saved) task (or M(vmsnap.qemu.qmp_live_snapshot) task) on the VM finds the marker of
     a process that is gone, resumes the guest (after a save that is still being written has ended) and warns. A
     guest paused by anyone else has no such marker and is left as it is.
+  - Before a restore loads the state, the task adds a marker object C(vmsnap-restored-<first 40 hex digits of the
+    state's SHA-256>) to the waiting QEMU. A task killed after QEMU loaded the state and before the task recorded the
+    restore in the sidecar leaves that QEMU paused and no longer waiting; the next O(state=restored) run finds the
+    marker (and the completed incoming migration), takes the state as restored into this QEMU and only brings it to
+    O(after).
   - The save sets QEMU's C(background-snapshot) capability and a high C(max-bandwidth) for its own migration and puts
     both back afterwards, also after a failure. A VM with other migration capabilities on (C(block), C(xbzrle),
     C(compress), C(multifd), ...) is refused, because they change what the file holds.
