@@ -23,6 +23,7 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._guest_agent import Gu
 from ansible_collections.vmsnap.qemu.plugins.module_utils._live import LivePlan, LiveRequest, plan_live
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qmp import QmpClient, QmpConnectionError, QmpTimeoutError
 from ansible_collections.vmsnap.qemu.plugins.module_utils._revert_bitmaps import backup_sets, blocking_bitmaps
+from ansible_collections.vmsnap.qemu.plugins.module_utils._stale_jobs import orphaned_owner
 from ansible_collections.vmsnap.qemu.plugins.module_utils._vm import describe_vm
 from ansible_collections.vmsnap.qemu.plugins.module_utils._vmstate import read_vm_facts, reserve_bytes
 
@@ -245,8 +246,9 @@ def refuse_status(vm: str, status: str) -> None:
 
 
 def refuse_jobs(vm: str, jobs: list[dict[str, t.Any]]) -> None:
+    """Jobs of a killed qmp_live_snapshot task are not refused: the checkpoint's own task finishes them first."""
     for job in jobs:
-        if job.get("status") not in ("concluded", "null"):
+        if job.get("status") not in ("concluded", "null") and orphaned_owner(job.get("id")) is None:
             raise PreflightRefusal(
                 vm,
                 "job",

@@ -211,7 +211,7 @@ class QmpClient:
         expect: the type the 'return' value must have (dict, list); another shape raises QmpConnectionError.
         """
         self._next_id += 1
-        message_id = f"vmsnap-{self._next_id}"
+        message_id = f"vmsnap-{os.getpid()}-{self._next_id}"  # a killed client's late reply never matches
         message: dict[str, t.Any] = {"execute": command, "id": message_id}
         if arguments is not None:
             message["arguments"] = arguments

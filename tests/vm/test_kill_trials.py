@@ -61,9 +61,15 @@ def test_kill_qcow2_snapshot_paths(tmp_path: Path) -> None:
         state = "present" if index % 2 == 0 else "absent"
         wanted = [[name]] * len(images) if state == "present" else [[]] * len(images)
         trial(
-            "qcow2_snapshot", index, window, "qcow2_snapshot", {"paths": paths, "name": name, "state": state},
-            observe, check, wanted,
-        )  # fmt: skip
+            "qcow2_snapshot",
+            index,
+            window,
+            "qcow2_snapshot",
+            {"paths": paths, "name": name, "state": state},
+            observe,
+            check,
+            wanted,
+        )
 
 
 @pytest.mark.parametrize("state", ["committed", "flattened"])
@@ -148,8 +154,11 @@ def test_next_run_completes_a_killed_tasks_commit(fleet_dir: Path) -> None:
         top = next(n["node-name"] for n in nodes if n["file"] == str(overlay) and n["drv"] == "qcow2")
         base = next(n["node-name"] for n in nodes if n["file"] == str(vm.disks[0]) and n["drv"] == "qcow2")
         device = next(b["inserted"]["node-name"] for b in qmp(vm.qmp, "query-block"))
-        qmp(vm.qmp, "block-commit", {"job-id": job_id, "device": device, "top-node": top,
-                                             "base-node": base, "auto-dismiss": False})  # fmt: skip
+        qmp(
+            vm.qmp,
+            "block-commit",
+            {"job-id": job_id, "device": device, "top-node": top, "base-node": base, "auto-dismiss": False},
+        )
         for dummy in range(200):
             if [j["status"] for j in qmp(vm.qmp, "query-jobs")] == ["ready"]:
                 break
@@ -165,8 +174,7 @@ def test_next_run_completes_a_killed_tasks_commit(fleet_dir: Path) -> None:
         # Killed after the merge, before the unlink: the file outside the chain reads the same as the disk.
         ok_run = run_module("qmp_live_snapshot", {**args, "state": "present"})
         vm.write(0x78)
-        qmp(vm.qmp, "block-commit", {"job-id": f"vmsnap-commit-{dead_pid()}-2", "device": device,
-                                             "auto-dismiss": True})  # fmt: skip
+        qmp(vm.qmp, "block-commit", {"job-id": f"vmsnap-commit-{dead_pid()}-2", "device": device, "auto-dismiss": True})
         for dummy in range(200):
             jobs = qmp(vm.qmp, "query-jobs")
             if jobs and jobs[0]["status"] == "ready":
@@ -299,8 +307,12 @@ def test_next_run_cancels_a_killed_live_backup_job(fleet_dir: Path) -> None:
         args_file = fleet_dir / "args.json"
         args_file.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": args}))
         env = dict(os.environ, LANG="C", PYTHONPATH=str(collection_root()))
-        proc = subprocess.Popen([sys.executable, str(module_file("qcow2_backup")), str(args_file)], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, str(module_file("qcow2_backup")), str(args_file)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
             # The job copies into the backup's temporary file: kill once it holds some of the data.
@@ -378,8 +390,13 @@ def test_killed_offline_incremental_leaves_the_disk_clean(tmp_path: Path) -> Non
     args_file = tmp_path / "args.json"
     args_file.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": args}))
     env = dict(os.environ, LANG="C", PYTHONPATH=str(collection_root()))
-    proc = subprocess.Popen([sys.executable, str(module_file("qcow2_backup")), str(args_file)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(module_file("qcow2_backup")), str(args_file)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 60
     folder = dest / "disk"
     while time.monotonic() < deadline and proc.poll() is None:

@@ -73,8 +73,16 @@ def test_kill_qmp_live_snapshot_internal(live_vm: NoOsVM) -> None:
         current = expected["a"] if label != "present_disk_only" else None
         group = f"qmp_live_snapshot_{label}"
         wanted_snaps = {"present_vmstate": ["a"], "reverted": ["a"], "present_disk_only": ["b"]}.get(label, [])
-        trial(group, index, durations[label], "qmp_live_snapshot", {"socket": sock, **args}, observe, check,
-               (wanted_snaps, "running"))  # fmt: skip
+        trial(
+            group,
+            index,
+            durations[label],
+            "qmp_live_snapshot",
+            {"socket": sock, **args},
+            observe,
+            check,
+            (wanted_snaps, "running"),
+        )
         assert vmsnap_jobs(vm) == [], f"{group}:{index}: jobs left in QEMU: {vmsnap_jobs(vm)}"
         if current is not None and label != "absent_disk_only":
             assert vm.reads(current), f"{group}:{index}: the guest does not read {current:#x}"
@@ -130,8 +138,7 @@ def test_kill_qmp_live_snapshot_external(fleet_dir: Path) -> None:
                 target = (sorted(disks + overlays), overlays, "running")
             else:
                 target = (disks, disks, "running")
-            trial(label, index, durations[label], "qmp_live_snapshot", {"socket": sock, **args}, observe, check,
-                   target)  # fmt: skip
+            trial(label, index, durations[label], "qmp_live_snapshot", {"socket": sock, **args}, observe, check, target)
             assert vmsnap_jobs(vm) == [], f"{label}:{index}: jobs left in QEMU: {vmsnap_jobs(vm)}"
             for drive in ("drive0", "drive1"):
                 assert vm.reads(pattern, drive), f"{label}:{index}: {drive} does not read {pattern:#x}"
@@ -162,8 +169,16 @@ def test_kill_qmp_vm_state_saved(fleet_dir: Path) -> None:
         for index in trial_indexes("qmp_vm_state_saved", 4):
             path = folder / f"s{index}.vmstate"
             target = ([path.name, f"{path.name}.json"], "running")
-            trial("qmp_vm_state_saved", index, window, "qmp_vm_state", {"socket": sock, "path": str(path)}, observe,
-                   check, target)  # fmt: skip
+            trial(
+                "qmp_vm_state_saved",
+                index,
+                window,
+                "qmp_vm_state",
+                {"socket": sock, "path": str(path)},
+                observe,
+                check,
+                target,
+            )
             caps = {c["capability"]: c["state"] for c in qmp(vm.qmp, "query-migrate-capabilities")}
             assert caps.get("background-snapshot") is False, f"migration settings not put back: {caps}"
             assert qmp(vm.qmp, "query-migrate").get("status") in (None, "completed"), "a migration is left"
@@ -203,8 +218,7 @@ def test_kill_qmp_live_snapshot_external_with_ram(fleet_dir: Path) -> None:
             pattern = 0x60 + index
             vm.write(pattern)
             target = (files if state == "present" else [], "running")
-            trial(label, index, windows[label], "qmp_live_snapshot", {**base, "state": state}, observe, check,
-                   target)  # fmt: skip
+            trial(label, index, windows[label], "qmp_live_snapshot", {**base, "state": state}, observe, check, target)
             assert vmsnap_jobs(vm) == [], f"{label}:{index}: jobs left in QEMU: {vmsnap_jobs(vm)}"
             assert vm.reads(pattern), f"{label}:{index}: the guest does not read {pattern:#x}"
     finally:

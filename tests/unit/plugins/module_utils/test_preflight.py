@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import subprocess
 import typing as t
 
 import pytest
@@ -142,6 +143,14 @@ def test_a_running_block_job_is_refused_by_name(recorded: t.Any, tmp_path: pathl
     exc = refusal(refuse_jobs, "web01", view.jobs)
     assert exc.reason == "job" and "mirror job 'nightly-copy' (status ready)" in exc.msg
     refuse_jobs("web01", [{"id": "done", "type": "commit", "status": "concluded"}])
+
+
+def test_a_killed_tasks_job_is_left_to_the_checkpoint_and_a_living_tasks_is_refused() -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    refuse_jobs("web01", [{"id": f"vmsnap-commit-{gone.pid}-1", "type": "commit", "status": "ready"}])
+    exc = refusal(refuse_jobs, "web01", [{"id": f"vmsnap-commit-{os.getpid()}-1", "type": "commit", "status": "ready"}])
+    assert exc.reason == "job" and f"'vmsnap-commit-{os.getpid()}-1' (status ready)" in exc.msg
 
 
 # --- disks and plan -------------------------------------------------------------------------------------------------
