@@ -498,6 +498,7 @@ def main() -> t.NoReturn:
                 )
                 finished = True
                 vm = describe_vm(qmp)
+            result["changed"] = finished  # what was cleaned up stays reported when the plan or the act fails
             if undo is not None and module.check_mode:
                 module.warn(
                     f"Checkpoint {request.name!r} has its overlays but no RAM state file: the task that took it was "
