@@ -369,3 +369,21 @@ def test_an_overlay_whose_folder_sync_fails_reports_changed(
         execute_chain(qemu_img, plan, keep=False, compress=False, unsafe=False, verify=True)
     assert caught.value.details["changed"] is True
     assert sorted(os.listdir(vms)) == ["base.qcow2", "overlay.qcow2"]
+
+
+@pytest.mark.parametrize("state", ["present", "rebased"])
+def test_a_state_that_needs_backing_is_refused_without_it(qemu_img: QemuImg, vms: Path, state: str) -> None:
+    base = make(vms / "base.qcow2")
+    overlay = make(vms / "overlay.qcow2", Path(base))
+    before = {name: (vms / name).read_bytes() for name in os.listdir(vms)}
+    with pytest.raises(ValidationError, match=f"^state={state} needs backing.$"):
+        plan_chain(qemu_img, request(overlay, state))
+    assert {name: (vms / name).read_bytes() for name in os.listdir(vms)} == before
+
+
+def test_a_missing_backing_file_is_refused(qemu_img: QemuImg, vms: Path) -> None:
+    overlay = str(vms / "overlay.qcow2")
+    missing = str(vms / "missing.qcow2")
+    with pytest.raises(ValidationError, match=f"^Backing file {missing} does not exist.$"):
+        plan_chain(qemu_img, request(overlay, "present", backing=missing))
+    assert os.listdir(vms) == []
