@@ -59,10 +59,12 @@ deps: system-packages $(VENV)/.installed
 # A real copy of the tree at .../ansible_collections/vmsnap/qemu, tracked and new files only.
 .PHONY: copy
 copy:
+ifneq ($(VMSNAP_COPIED),1)
 	@rm -rf $(COLLECTIONS_ROOT) && mkdir -p $(COLLECTION_COPY)
 	@git ls-files -z --cached --others --exclude-standard | \
 		while IFS= read -r -d '' f; do [ -e "$$f" ] && printf '%s\0' "$$f"; done | \
 		tar --null --no-recursion -T - -cf - | tar -xf - -C $(COLLECTION_COPY)
+endif
 
 # vmsnap.qemu.pre_upgrade over three tiny real guests reached through the vmsnap.qemu.qga connection: one upgrade
 # succeeds, one breaks the application, one makes its guest unreachable; those two are rolled back (demo/fleet).
@@ -78,24 +80,28 @@ demo-more: deps copy
 	ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS_ROOT) $(VENV)/bin/ansible-playbook -i localhost, demo/ram_checkpoint.yml
 
 # Each layer stops the run when it fails; the last line counts the layers that passed.
-# On 2 cores: integration (one ansible task after another, about one core busy) runs beside the layers of
-# TEST_BESIDE, which run one after another on the other core (-O: each layer's output comes in one piece when the
-# layer ends; after a failure the other lane finishes its current sub-make first). vm-tests (two workers) runs alone.
-TEST_BESIDE := sanity units examples molecule lint galaxy
-TEST_LAYERS := ruff changelog-lint integration $(TEST_BESIDE) vm-tests
+# On 2 cores, two lanes side by side, each running its layers one after another (-O: each lane's output comes in
+# one piece when it ends; after a failure the other lane finishes its current layer first): integration (one ansible
+# task after another, about one core busy), then examples and galaxy; and sanity, units, molecule, lint. The lanes
+# share one collection copy, made before they start. vm-tests (two workers) runs alone afterwards.
+TEST_LANE_A := integration examples galaxy
+TEST_LANE_B := sanity units molecule lint
+TEST_LAYERS := ruff changelog-lint $(TEST_LANE_A) $(TEST_LANE_B) vm-tests
 
 .PHONY: test
 test: deps
-	@$(MAKE) --no-print-directory ruff changelog-lint
-	@$(MAKE) --no-print-directory -j2 -Otarget integration test-beside
+	@$(MAKE) --no-print-directory ruff changelog-lint copy
+	@$(MAKE) --no-print-directory -j2 -Otarget test-lane-a test-lane-b
 	@$(MAKE) --no-print-directory vm-tests
 	@echo "make test layers: $(words $(TEST_LAYERS)) passed, 0 failed"
 
-.PHONY: test-beside
-test-beside:
-	@$(MAKE) --no-print-directory VMSNAP_SERIAL=1 copy $(TEST_BESIDE)
+.PHONY: test-lane-a test-lane-b
+test-lane-a:
+	@$(MAKE) --no-print-directory VMSNAP_SERIAL=1 VMSNAP_COPIED=1 $(TEST_LANE_A)
+test-lane-b:
+	@$(MAKE) --no-print-directory VMSNAP_SERIAL=1 VMSNAP_COPIED=1 $(TEST_LANE_B)
 
-# The sub-make of test-beside runs its layers one after another.
+# The sub-make of a lane runs its layers one after another.
 ifeq ($(VMSNAP_SERIAL),1)
 .NOTPARALLEL:
 endif
