@@ -8,7 +8,6 @@ planted files and symlinks, failures after a change). The four-run pattern is in
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import subprocess
 import typing as t
@@ -28,22 +27,14 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._chain import (
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import ValidationError, VmsnapError
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qemu_img import QemuImg
 from ansible_collections.vmsnap.qemu.plugins.modules import qcow2_chain
+from ansible_collections.vmsnap.qemu.tests.unit.plugins.module_utils.real_tools import real_qemu_img
 
 SECRET = b"the link's target: must never change\n"
 
 
-class BinModule:
-    """What QemuImg needs of an AnsibleModule: the real qemu-img."""
-
-    def get_bin_path(self, name: str, required: bool = False) -> str:
-        found = shutil.which(name)
-        assert found, f"{name} is not installed"
-        return found
-
-
 @pytest.fixture
 def qemu_img() -> QemuImg:
-    return QemuImg(t.cast(t.Any, BinModule()))
+    return real_qemu_img()
 
 
 def img(*args: str) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import stat
 import subprocess
@@ -42,25 +41,16 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._manifest import (
     verify,
     write_manifest,
 )
-from ansible_collections.vmsnap.qemu.plugins.module_utils._qemu_img import QemuImg
 from ansible_collections.vmsnap.qemu.plugins.module_utils._retention import parse_duration
+from ansible_collections.vmsnap.qemu.tests.unit.plugins.module_utils.real_tools import real_qemu_img
 
 NOW = 1796155200.0
 VM = "web01"
 NAME = "pre-upgrade"
 
 
-class BinModule:
-    """What QemuImg needs of an AnsibleModule: the real qemu-img."""
-
-    def get_bin_path(self, name: str, required: bool = False) -> str:
-        found = shutil.which(name)
-        assert found, f"{name} is not installed"
-        return found
-
-
 def read_top() -> t.Callable[[str], t.Any]:
-    return QemuImg(t.cast(t.Any, BinModule())).read_top
+    return real_qemu_img().read_top
 
 
 def qemu_img(*args: str) -> str:

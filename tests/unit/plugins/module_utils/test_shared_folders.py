@@ -9,7 +9,6 @@ explicitly. The generic helpers are tested in test_files.py; qcow2_chain's overl
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import subprocess
 import types
@@ -27,20 +26,14 @@ from ansible_collections.vmsnap.qemu.plugins.module_utils._live_execute import _
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qemu_img import QemuImg
 from ansible_collections.vmsnap.qemu.plugins.module_utils._vm_process import write_env_file
 from ansible_collections.vmsnap.qemu.plugins.module_utils._vmstate import write_json_atomic as write_sidecar
+from ansible_collections.vmsnap.qemu.tests.unit.plugins.module_utils.real_tools import real_qemu_img
 
 SECRET = b"the link's target: must never change\n"
 
 
-class BinModule:
-    def get_bin_path(self, name: str, required: bool = False) -> str:
-        found = shutil.which(name)
-        assert found, f"{name} is not installed"
-        return found
-
-
 @pytest.fixture
 def qemu_img() -> QemuImg:
-    return QemuImg(t.cast(t.Any, BinModule()))
+    return real_qemu_img()
 
 
 @pytest.fixture
