@@ -482,7 +482,7 @@ def finish_backup(
             )
         verified_at = time.time()
     digest, defined = layer_digest(qemu_img, job.temp, target.folder)
-    os.chmod(job.temp, 0o600)
+    set_mode(job.temp, 0o600)
     fsync_file(job.temp)
     final = target.file(B.backup_file_name(job.backup_id, job.mode))
     os.rename(job.temp, final)
@@ -522,13 +522,16 @@ def offline_full(qemu_img: QemuImg, job: Job, compress: bool, verify: bool) -> d
     image = t.cast(str, target.image)
     started = time.monotonic()
     add_bitmap_offline(qemu_img, image, job.bitmap)
+    created = False  # a file planted at the temp name is refused by claimed() and never removed
     try:
         with claimed(job.temp) as temp_name:
+            created = True
             qemu_img.run(["convert", "-q", "-O", "qcow2"] + (["-c"] if compress else []) + ["--", image, temp_name])
         return finish_backup(qemu_img, job, compress, image if verify else None, started)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(job.temp)
+        if created:
+            with contextlib.suppress(OSError):
+                os.unlink(job.temp)
         with contextlib.suppress(VmsnapError):
             remove_bitmap_offline(qemu_img, image, job.bitmap)
         raise
@@ -860,8 +863,9 @@ def execute_prune(qemu_img: QemuImg, target: Target, plan: B.PrunePlan) -> None:
         entry = by_id[child_id]
         path = target.file(entry["file"])
         temp = target.file(f"{B.TMP_PREFIX}merge-{child_id}.qcow2")
+        copy_fd = create_exclusive(temp)  # a file planted there is refused, and left alone
         try:
-            with open(path, "rb") as source, os.fdopen(create_exclusive(temp), "wb") as copy:
+            with os.fdopen(copy_fd, "wb") as copy, open(path, "rb") as source:
                 shutil.copyfileobj(source, copy)
             new_backing = by_id[new_parent]["file"] if new_parent else ""
             args = ["rebase", "-q", "-f", "qcow2", "-b", new_backing] + (["-F", "qcow2"] if new_parent else [])

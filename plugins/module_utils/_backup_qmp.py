@@ -262,7 +262,7 @@ def leftover_job_ids(qmp: QmpClient) -> list[str]:
     from before its jobs start until they are finalized or cancelled: a run that finds one finds a killed run's."""
     return [
         str(job["id"])
-        for job in qmp.execute("query-jobs") or []
+        for job in qmp.execute("query-jobs", expect=list)
         if isinstance(job, dict) and str(job.get("id", "")).startswith(JOB_PREFIX)
     ]
 

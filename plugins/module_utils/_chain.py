@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import stat
@@ -20,12 +19,9 @@ from dataclasses import dataclass, field
 
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import ValidationError, VmsnapError
 from ansible_collections.vmsnap.qemu.plugins.module_utils._files import (
-    fsync_file,
+    PrivateFolder,
     fsync_folder,
-    link_new,
-    private_folder,
-    remove_private_folder,
-    set_mode,
+    set_fd_mode,
 )
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qcow2_native import QCOW2_MAGIC, read_qcow2_layer
 from ansible_collections.vmsnap.qemu.plugins.module_utils._qemu_img import refuse_if_in_use
@@ -380,20 +376,22 @@ def execute_chain(
 
 
 def create_overlay(qemu_img: QemuImg, plan: ChainPlan) -> None:
-    """qemu-img creates the overlay in a private 0700 folder beside path (nobody can plant a symlink there), the
-    file gets the backing file's owner (as root) and permission bits set explicitly (no umask), and link(2) gives
-    it its name: a file or symlink planted at path since the plan makes it fail, and is never followed."""
-    folder = private_folder(plan.path, CREATE_SUFFIX)
-    try:
-        temp = os.path.join(folder, os.path.basename(plan.path))
+    """qemu-img creates the overlay in a file this task made in a private 0700 folder beside path (it writes
+    through /proc/<pid>/fd/<n>, so nothing planted or swapped in can redirect it), the file gets the backing file's
+    owner (as root) and permission bits set explicitly (no umask), and link(2) gives it its name: a file or symlink
+    planted at path since the plan makes it fail, and is never followed."""
+    with PrivateFolder(plan.path, CREATE_SUFFIX) as folder:
+        name = os.path.basename(plan.path)
+        temp = folder.create(name)
         # backing is absolute (validated), so qemu-img resolves it the same from the private folder
         qemu_img.create_overlay(temp, t.cast(str, plan.backing), t.cast(str, plan.backing_format), plan.size)
         try:
             backing = os.stat(t.cast(str, plan.backing))
             # an overlay takes the guest's writes: a read-only golden image (0444) must not give a read-only overlay
-            set_mode(temp, (backing.st_mode & 0o777) | stat.S_IWUSR, (backing.st_uid, backing.st_gid))
-            fsync_file(temp)
-            link_new(temp, plan.path)  # the file system must support hard links
+            fd = folder.file_fd(name)
+            set_fd_mode(fd, (backing.st_mode & 0o777) | stat.S_IWUSR, (backing.st_uid, backing.st_gid))
+            os.fsync(fd)
+            folder.link_out(name, plan.path)
         except OSError as exc:
             raise VmsnapError(
                 f"Cannot create the overlay {plan.path}: {exc.strerror or exc}; nothing was changed."
@@ -405,21 +403,19 @@ def create_overlay(qemu_img: QemuImg, plan: ChainPlan) -> None:
                 f"The overlay {plan.path} was created, but syncing its folder failed: {exc.strerror or exc}.",
                 changed=True,
             ) from None
-    finally:
-        with contextlib.suppress(OSError, VmsnapError):
-            remove_private_folder(folder)
 
 
 def flatten(qemu_img: QemuImg, plan: ChainPlan, compress: bool, verify: bool) -> int:
-    """Write the whole chain into a private folder beside path, check it, then rename it over path atomically.
+    """Write the whole chain into a file in a private folder beside path, check it, then rename it over path
+    atomically.
 
     Until the rename, path and its chain are untouched; after it, path is the complete new image.
     """
     target = real(plan.path)  # replace the image itself, not a symlink pointing to it
     info = t.cast("ImageInfo", plan.info)
-    folder = private_folder(target, TEMP_SUFFIX)
-    try:
-        temp = os.path.join(folder, os.path.basename(target))
+    with PrivateFolder(target, TEMP_SUFFIX) as folder:  # a leftover of a killed run is removed by the next run
+        name = os.path.basename(target)
+        temp = folder.create(name)
         qemu_img.convert_standalone(plan.path, temp, compress=compress, bitmaps=bool(info.top.bitmaps))
         if verify and not qemu_img.compare(plan.path, temp):
             raise VmsnapError(
@@ -428,10 +424,11 @@ def flatten(qemu_img: QemuImg, plan: ChainPlan, compress: bool, verify: bool) ->
             )
         try:
             original = os.stat(target)
-            set_mode(temp, original.st_mode & 0o7777, (original.st_uid, original.st_gid))
-            fsync_file(temp)
-            size = os.stat(temp).st_blocks * 512
-            os.replace(temp, target)
+            fd = folder.file_fd(name)
+            set_fd_mode(fd, original.st_mode & 0o7777, (original.st_uid, original.st_gid))
+            os.fsync(fd)
+            size = os.fstat(fd).st_blocks * 512
+            folder.replace_out(name, target)
         except OSError as exc:
             raise VmsnapError(
                 f"Cannot put the flattened copy of {plan.path} in place: {exc.strerror or exc}; "
@@ -444,6 +441,3 @@ def flatten(qemu_img: QemuImg, plan: ChainPlan, compress: bool, verify: bool) ->
                 f"{plan.path} was flattened, but syncing its folder failed: {exc.strerror or exc}.", changed=True
             ) from None
         return size
-    finally:
-        with contextlib.suppress(OSError, VmsnapError):
-            remove_private_folder(folder)  # else the next run removes it

@@ -56,66 +56,127 @@ def claimed(path: str, mode: int = 0o600) -> t.Iterator[str]:
         os.close(fd)
 
 
-def private_folder(beside: str, suffix: str) -> str:
-    """A new folder `.NAME<suffix>` (mode 0700) beside the file beside, for a file that a tool such as qemu-img
-    creates by name: nobody else can plant a file or symlink inside it. A leftover of a killed run at that name (a
-    folder owned by this user, a file, a symlink) is removed first; a symlink is removed itself, never followed."""
-    folder, name = os.path.split(beside)
-    path = os.path.join(folder, f".{name}{suffix}")
-    remove_private_folder(path)
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        raise VmsnapError(
-            f"{path} exists (it appeared while this task was removing a leftover there); refusing to overwrite or "
-            "follow it; nothing was changed.",
-            path=path,
-        ) from None
-    return path
-
-
 def remove_private_folder(path: str) -> None:
-    """Remove what private_folder() made at path (or a killed run left there); anything else there is refused."""
+    """Remove what PrivateFolder made at path (or a killed run left there); anything else there is refused."""
     try:
         st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(path)  # a file or a symlink itself, never its target
+            return
     except FileNotFoundError:
         return
-    if stat.S_ISDIR(st.st_mode):
-        if st.st_uid != os.geteuid():
-            raise VmsnapError(
-                f"{path} exists and belongs to another user (uid {st.st_uid}); refusing to use or remove it; "
-                "nothing was changed.",
-                path=path,
-            )
-        shutil.rmtree(path)  # the fd-based rmtree: it never follows a symlink inside
-    else:
-        os.unlink(path)  # a file or a symlink itself, never its target
-
-
-def link_new(source: str, final: str) -> None:
-    """Give source (a file in a private folder) the name final with link(2), which fails on any file or symlink at
-    final and never follows it; then drop the source name. The caller fsyncs final's folder."""
-    try:
-        os.link(source, final, follow_symlinks=False)
-    except FileExistsError:
+    except OSError as exc:
+        raise VmsnapError(f"Cannot remove {path}: {exc.strerror or exc}; nothing was changed.", path=path) from None
+    if st.st_uid != os.geteuid():
         raise VmsnapError(
-            f"{final} exists (a file or symlink appeared there after this task checked); refusing to overwrite or "
-            "follow it; nothing was changed.",
-            path=final,
-        ) from None
-    with contextlib.suppress(OSError):
-        os.unlink(source)  # the private folder is removed anyway
+            f"{path} exists and belongs to another user (uid {st.st_uid}); refusing to use or remove it; "
+            "nothing was changed.",
+            path=path,
+        )
+    try:
+        shutil.rmtree(path)  # the fd-based rmtree: it never follows a symlink inside
+    except OSError as exc:
+        raise VmsnapError(f"Cannot remove {path}: {exc.strerror or exc}; nothing was changed.", path=path) from None
+
+
+class PrivateFolder:
+    """A new folder `.NAME<suffix>` (mode 0700) beside a file, for a file that qemu-img writes: held open, so every
+    name inside it is reached through the folder's fd (renaming the folder away and planting another one at its
+    name changes nothing), and qemu-img writes through /proc/<pid>/fd/<n> of a file created in it. A leftover of a
+    killed run at that name is removed first; a symlink there is removed itself, never followed."""
+
+    def __init__(self, beside: str, suffix: str) -> None:
+        folder, name = os.path.split(beside)
+        self.path = os.path.join(folder, f".{name}{suffix}")
+        remove_private_folder(self.path)
+        try:
+            os.mkdir(self.path, 0o700)
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileExistsError:
+            raise VmsnapError(
+                f"{self.path} exists (it appeared while this task was removing a leftover there); refusing to "
+                "overwrite or follow it; nothing was changed.",
+                path=self.path,
+            ) from None
+        except OSError as exc:
+            raise VmsnapError(
+                f"Cannot create the private folder {self.path}: {exc.strerror or exc}; nothing was changed.",
+                path=self.path,
+            ) from None
+        st = os.fstat(self.fd)
+        if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) != 0o700:
+            os.close(self.fd)
+            raise VmsnapError(
+                f"{self.path} was replaced by someone else right after this task made it; refusing to use it; "
+                "nothing was changed.",
+                path=self.path,
+            )
+        self.names: list[str] = []
+        self.files: list[int] = []
+
+    def __enter__(self) -> PrivateFolder:
+        return self
+
+    def __exit__(self, *exc_info: t.Any) -> None:
+        self.close()
+
+    def create(self, name: str, mode: int = 0o600) -> str:
+        """A new file in the folder, open until close(); returns the name that reaches exactly that file."""
+        fd = os.open(name, os.O_RDWR | _NEW_FILE, mode, dir_fd=self.fd)
+        self.names.append(name)
+        self.files.append(fd)
+        os.fchmod(fd, mode)
+        return f"/proc/{os.getpid()}/fd/{fd}"
+
+    def file_fd(self, name: str) -> int:
+        return self.files[self.names.index(name)]
+
+    def link_out(self, name: str, final: str) -> None:
+        """Give the file name its final name with link(2), which fails on any file or symlink at final and never
+        follows it (the file system must support hard links)."""
+        try:
+            os.link(name, final, src_dir_fd=self.fd, follow_symlinks=False)
+        except FileExistsError:
+            raise VmsnapError(
+                f"{final} exists (a file or symlink appeared there after this task checked); refusing to overwrite "
+                "or follow it; nothing was changed.",
+                path=final,
+            ) from None
+
+    def replace_out(self, name: str, target: str) -> None:
+        """Rename the file name over target in one step (target itself, never what a symlink there points to)."""
+        os.replace(name, target, src_dir_fd=self.fd)
+
+    def close(self) -> None:
+        """Remove the folder and what is left in it; a folder that is no longer ours at that name is left alone."""
+        for fd in self.files:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with contextlib.suppress(OSError):
+            for name in os.listdir(self.fd):  # what this task made there (qemu-img makes nothing else)
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=self.fd)
+        with contextlib.suppress(OSError):
+            mine, there = os.fstat(self.fd), os.lstat(self.path)
+            if (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino):
+                os.rmdir(self.path)
+        os.close(self.fd)
+        self.files, self.names = [], []
 
 
 def set_mode(path: str, mode: int, owner: tuple[int, int] | None = None) -> None:
-    """Explicit mode (and owner, when running as root) of a file this task created in a private folder."""
+    """Explicit mode (and owner, when running as root) of a file this task created."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        if owner is not None and os.geteuid() == 0:
-            os.fchown(fd, owner[0], owner[1])
-        os.fchmod(fd, mode)
+        set_fd_mode(fd, mode, owner)
     finally:
         os.close(fd)
+
+
+def set_fd_mode(fd: int, mode: int, owner: tuple[int, int] | None = None) -> None:
+    if owner is not None and os.geteuid() == 0:
+        os.fchown(fd, owner[0], owner[1])
+    os.fchmod(fd, mode)
 
 
 def write_json_atomic(path: str, data: t.Any, temp: str) -> None:

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import stat
 import struct
 import subprocess
 import typing as t
@@ -44,11 +45,12 @@ MAX_PARALLEL = max(2, min(8, os.cpu_count() or 1))
 # Every qemu-img call is killed when it runs longer than this: a hung file system (an NFS server gone away)
 # blocks it in the kernel, and the task holds the image lock meanwhile. Metadata calls touch a few clusters.
 METADATA_TIMEOUT = 300.0
-# Calls that read or copy guest data (convert, commit, rebase, compare, check, map) get this base plus one
+# Calls that read or copy guest data (convert, commit, rebase, compare, check, map) and snapshot calls (a revert
+# or delete walks every L2 table: killed half-way, a revert leaves the image half reverted) get this base plus one
 # second per DATA_RATE bytes of the images they name (the larger of file size and virtual size).
 DATA_TIMEOUT = 3600.0
 DATA_RATE = 5 * 1024 * 1024
-_METADATA_COMMANDS = frozenset(("info", "snapshot", "bitmap", "create", "measure", "amend", "resize"))
+_METADATA_COMMANDS = frozenset(("info", "bitmap", "create", "measure", "amend", "resize"))
 # After SIGKILL, how long to wait for the process to go (a process stuck on a dead NFS server may not).
 _REAP_SECONDS = 5.0
 
@@ -101,14 +103,25 @@ def execute_argv(cmd: list[str], timeout: float | None = None) -> tuple[int, str
     return proc.returncode, out, err
 
 
-def _image_bytes(path: str) -> int:
-    """The larger of a file's size and, for qcow2, its virtual size (0 when it cannot be read)."""
+def _image_bytes(spec: str) -> int:
+    """The larger of a file's size and, for qcow2, its virtual size (0 when it cannot be read). A json: spec that
+    the collection builds (a layer without its backing chain) counts its file."""
+    path = _json_spec_file(spec) if spec.startswith("json:") else spec
+    if not path.startswith("/"):
+        return 0
     try:
-        with open(path, "rb") as image:
-            header = image.read(32)
-            size = os.fstat(image.fileno()).st_size
+        # O_NONBLOCK: a FIFO at the name must not block the sizing (it does nothing for regular files)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return 0
+    try:
+        info = os.fstat(fd)
+        header = os.pread(fd, 32, 0) if stat.S_ISREG(info.st_mode) else b""
+        size = info.st_size
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
     if len(header) == 32 and header[:4] == b"QFI\xfb":
         size = max(size, struct.unpack(">Q", header[24:32])[0])
     return size
@@ -119,7 +132,16 @@ def timeout_for(args: list[str], metadata: float = METADATA_TIMEOUT, data: float
     if args and args[0] in _METADATA_COMMANDS:
         return metadata
     paths = args[args.index("--") + 1 :] if "--" in args else []
-    return data + sum(_image_bytes(path) for path in paths if path.startswith("/")) / DATA_RATE
+    return data + sum(_image_bytes(path) for path in paths) / DATA_RATE
+
+
+def _json_spec_file(spec: str) -> str:
+    try:
+        options = json.loads(spec[len("json:") :])
+        name = options["file"]["filename"]
+    except (ValueError, RecursionError, KeyError, TypeError):
+        return ""
+    return name if isinstance(name, str) else ""
 
 
 class QemuImg:

@@ -27,6 +27,7 @@ import contextlib
 import os
 import re
 import stat
+import time
 import typing as t
 
 from ansible_collections.vmsnap.qemu.plugins.module_utils._errors import VmsnapError
@@ -153,16 +154,21 @@ def unmark_paused(qmp: QmpClient) -> None:
         qmp.execute("object-del", {"id": f"{_PAUSE_MARK}{os.getpid()}"})
 
 
-def resume_left_paused(qmp: QmpClient, check_mode: bool) -> list[str]:
-    """Resume a guest that a killed task had stopped (its marker is there, its process gone); returns warnings."""
+def resume_left_paused(qmp: QmpClient, check_mode: bool, timeout: float = 0.0) -> list[str]:
+    """Resume a guest that a killed task had stopped (its marker is there, its process gone); returns warnings.
+
+    A state save that task started may still be writing: the guest is resumed once it has ended, waiting up to
+    timeout (not in check mode)."""
     notes = []
     for entry in qmp.execute("qom-list", {"path": "/objects"}) or []:
         match = _PAUSE_MARKER.match(str(entry.get("name") if isinstance(entry, dict) else ""))
         if match is None or not process_gone(int(match.group(1))):
             continue
         marker = match.group(0)
+        migration = _migration_status(qmp)
+        if migration in _MIGRATING and not check_mode:
+            migration = _wait_for_migration_end(qmp, timeout)
         status = str((qmp.execute("query-status") or {}).get("status"))
-        migration = (qmp.execute("query-migrate") or {}).get("status")
         if migration in _MIGRATING:
             notes.append(
                 f"An earlier task (pid {match.group(1)}) that no longer runs had paused the guest; a migration or "
@@ -184,6 +190,21 @@ def resume_left_paused(qmp: QmpClient, check_mode: bool) -> list[str]:
             )
         qmp.execute("object-del", {"id": marker})
     return notes
+
+
+def _migration_status(qmp: QmpClient) -> t.Any:
+    reply = qmp.execute("query-migrate")
+    return reply.get("status") if isinstance(reply, dict) else None
+
+
+def _wait_for_migration_end(qmp: QmpClient, timeout: float) -> t.Any:
+    """The migration's status once it is no longer running, or its status when timeout runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = _migration_status(qmp)
+        if status not in _MIGRATING or time.monotonic() >= deadline:
+            return status
+        time.sleep(0.2)
 
 
 @contextlib.contextmanager

@@ -881,10 +881,11 @@ def restored_by_killed_task(qmp: QmpClient, sidecar: Sidecar | None) -> bool:
     """Whether this QEMU has completed loading this state for a task that could not record it (it was killed)."""
     if sidecar is None or not sidecar.sha256:
         return False
-    names = {str(entry.get("name")) for entry in qmp.execute("qom-list", {"path": "/objects"}) or []}
+    objects = qmp.execute("qom-list", {"path": "/objects"}, expect=list)
+    names = {str(entry.get("name")) for entry in objects if isinstance(entry, dict)}
     if _restore_marker(sidecar) not in names:
         return False
-    return (qmp.execute("query-migrate") or {}).get("status") == "completed"
+    return qmp.execute("query-migrate", expect=dict).get("status") == "completed"
 
 
 def restore_state(

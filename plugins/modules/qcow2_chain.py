@@ -48,7 +48,9 @@ options:
         O(backing)'s permission bits plus write permission for the owner (a read-only golden image still gives a
         writable overlay), and, when the task runs as root, O(backing)'s owner and group; they are set explicitly
         so the umask does not cut them. It is created exclusively; a file or symlink that appears at O(path) makes
-        the task fail without following it.
+        the task fail without following it. C(qemu-img) writes it in a private folder beside O(path) and it gets
+        its name with a hard link, so the file system of O(path) must support hard links (vfat, exFAT and some
+        FUSE or CIFS mounts do not; the task then fails and changes nothing).
       - V(absent) deletes the overlay O(path). It refuses standalone images and overlays that other images in
         O(search_dirs) use as their backing file.
       - V(committed) writes O(path)'s data into its backing file (C(qemu-img commit)) and then removes O(path),

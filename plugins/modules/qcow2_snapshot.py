@@ -141,11 +141,11 @@ notes:
   - Before changing an image the module checks that its filesystem has room for the metadata update,
     because C(qemu-img) leaves a changed image with leaked clusters when it runs out of space midway.
   - Every C(qemu-img) call has a time limit, so that a hung file system (an NFS server that stopped
-    answering) cannot block the task, and the image lock it holds, forever. Metadata calls (info, snapshot,
-    bitmap, create) get 300 seconds; calls that read guest data (check, convert, commit, rebase, compare, map)
-    get 3600 seconds plus one second per 5 MiB of the images they name (the larger of file size and virtual
-    size). A call that runs longer is killed and the task fails with a message naming
-    the command, the image and the seconds; it never reports success.
+    answering) cannot block the task, and the image lock it holds, forever. Metadata calls (info, bitmap,
+    create) get 300 seconds; snapshot calls (a revert or delete walks the whole image) and calls that read guest
+    data (check, convert, commit, rebase, compare, map) get 3600 seconds plus one second per 5 MiB of the images
+    they name (the larger of file size and virtual size). A call that runs longer is killed and the task fails
+    with a message naming the command, the image and the seconds; it never reports success.
 requirements:
   - C(qemu-img) (Debian/Ubuntu package C(qemu-utils)) on the target host.
 seealso:

@@ -479,18 +479,21 @@ def main() -> t.NoReturn:
         client = QmpClient(params["socket"], params["connect_timeout"], request.timeout, params["lock_timeout"])
         with client as qmp, pause_marker_cleared(qmp):
             finished = _finish_orphaned_jobs(module, qmp, request.timeout)
-            for note in resume_left_paused(qmp, module.check_mode):
+            result["changed"] = finished  # what was cleaned up stays reported when a later step fails
+            for note in resume_left_paused(qmp, module.check_mode, request.timeout):
                 module.warn(note)
                 finished = finished or not module.check_mode
+                result["changed"] = finished
             vm = describe_vm(qmp)
             if module.check_mode:  # the real run finishes them before planning (see above)
                 vm["jobs"] = [job for job in vm.get("jobs") or [] if orphaned_owner(job.get("id")) is None]
             result["vm_status"] = vm["status"]
             finished = _remove_leftover_overlays(module, qmp, request, vm) or finished
+            result["changed"] = finished
             undo = _half_checkpoint(qmp, request, vm)
             if undo is not None and not module.check_mode:
                 wait_for_no_migration(qmp, request.timeout)
-                _act(module, qmp, undo, None, vm_fingerprint(vm))
+                _act(module, qmp, undo, None, vm_fingerprint(vm), already_changed=finished)
                 module.warn(
                     f"Checkpoint {request.name!r} had its overlays but no RAM state file: the task that took it was "
                     "killed before the state file was in place (its temporary file was there). The RAM of that "
@@ -498,7 +501,7 @@ def main() -> t.NoReturn:
                 )
                 finished = True
                 vm = describe_vm(qmp)
-            result["changed"] = finished  # what was cleaned up stays reported when the plan or the act fails
+            result["changed"] = finished
             if undo is not None and module.check_mode:
                 module.warn(
                     f"Checkpoint {request.name!r} has its overlays but no RAM state file: the task that took it was "
@@ -514,7 +517,7 @@ def main() -> t.NoReturn:
             dropped = [(f"disk {device.label}", device.drop_bitmaps) for device in plan.devices if device.drop_bitmaps]
             outcome = LiveOutcome()
             if plan.changed and not module.check_mode:
-                outcome = _act(module, qmp, plan, agent, vm_fingerprint(vm))
+                outcome = _act(module, qmp, plan, agent, vm_fingerprint(vm), already_changed=finished)
                 result["vm_status"] = status_or_none(qmp)
                 for warning in outcome.warnings:
                     module.warn(warning)
@@ -702,8 +705,10 @@ def _act(
     plan: LivePlan,
     agent: GuestAgentClient | None,
     before: list[tuple[t.Any, ...]],
+    already_changed: bool = False,
 ) -> LiveOutcome:
-    """Execute the plan; a failure reports changed=true when anything may have been done."""
+    """Execute the plan; a failure reports changed=true when anything may have been done (already_changed: this run
+    finished or removed what a killed task left, before the plan)."""
     timeout = plan.request.timeout
     try:
         return execute_live(qmp, plan, GuestFreezer(agent, timeout) if agent is not None else None)
@@ -713,7 +718,8 @@ def _act(
         # A failed snapshot-load may have reverted some disks already; a job that timed out may still be running;
         # a failed snapshot-save or -delete can leave some disks done (QEMU does not undo the others).
         changed = (
-            half_done
+            already_changed
+            or half_done
             or plan.request.state == "reverted"
             or isinstance(exc, QmpTimeoutError)
             or _fingerprint_or_none(qmp) != before

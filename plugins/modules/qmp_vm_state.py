@@ -363,7 +363,7 @@ def _saved(module: AnsibleModule, result: dict[str, t.Any]) -> None:
     before = _file_view(path, sidecar)
     client = QmpClient(params["socket"], params["connect_timeout"], params["timeout"], params["lock_timeout"])
     with client as qmp, pause_marker_cleared(qmp):
-        for note in resume_left_paused(qmp, module.check_mode):
+        for note in resume_left_paused(qmp, module.check_mode, params["timeout"]):
             module.warn(note)
             result["changed"] = not module.check_mode
         vm = describe_vm(qmp)
@@ -389,6 +389,8 @@ def _saved(module: AnsibleModule, result: dict[str, t.Any]) -> None:
             outcome = save_state(qmp, facts, request)
         except VmsnapError as exc:
             exc.details.setdefault("vm_status", status_or_none(qmp))
+            if result["changed"]:  # this run resumed a guest that a killed task had left paused
+                exc.details["changed"] = True
             raise
         for warning in outcome.warnings:
             module.warn(warning)
@@ -435,6 +437,8 @@ def _restored(module: AnsibleModule, result: dict[str, t.Any]) -> None:
             outcome = restore_state(qmp, path, sidecar, facts, params["after"], params["timeout"])
         except VmsnapError as exc:
             exc.details.setdefault("vm_status", status_or_none(qmp))
+            if result["changed"]:  # this run resumed a guest that a killed task had left paused
+                exc.details["changed"] = True
             raise
         for warning in outcome.warnings:
             module.warn(warning)

@@ -303,7 +303,7 @@ def test_a_flatten_that_cannot_rename_leaves_the_overlay_and_no_temp_folder(
     before = snapshot(vms)
     plan = plan_chain(qemu_img, request(overlay, "flattened"))
 
-    def replace_fails(source: str, dest: str) -> None:
+    def replace_fails(source: str, dest: str, **dummy: t.Any) -> None:
         raise OSError(5, "Input/output error", dest)
 
     monkeypatch.setattr(_chain.os, "replace", replace_fails)
@@ -336,7 +336,7 @@ def test_an_overlay_on_a_file_system_without_hard_links_is_an_error_that_changed
     overlay = str(vms / "overlay.qcow2")
     plan = plan_chain(qemu_img, request(overlay, "present", backing=base))
 
-    def link_fails(source: str, dest: str, follow_symlinks: bool = True) -> None:
+    def link_fails(source: str, dest: str, **dummy: t.Any) -> None:
         raise PermissionError(1, "Operation not permitted", dest)
 
     monkeypatch.setattr(_files.os, "link", link_fails)  # vfat and some FUSE file systems answer so

@@ -226,10 +226,29 @@ def test_every_call_has_a_time_limit_by_kind(tmp_path: pathlib.Path) -> None:
     runner.convert_standalone(str(image), str(tmp_path / "new.qcow2"), compress=False, bitmaps=False)
     runner.run(["bitmap", "--add", "--", str(image), "b"])
     timeouts = [call["timeout"] for call in module.calls]
-    # Metadata calls: fixed. Data calls: the base plus the virtual size (50 GiB, more than the file) at DATA_RATE.
-    assert timeouts[0] == timeouts[3] == METADATA_TIMEOUT
-    assert timeouts[1] == timeouts[2] == pytest.approx(DATA_TIMEOUT + 50 * 1024**3 / DATA_RATE)
+    # Metadata calls: fixed. Data and snapshot calls: the base plus the virtual size (50 GiB, more than the file)
+    # at DATA_RATE.
+    assert timeouts[3] == METADATA_TIMEOUT
+    assert timeouts[0] == timeouts[1] == timeouts[2] == pytest.approx(DATA_TIMEOUT + 50 * 1024**3 / DATA_RATE)
     assert timeout_for(["compare", "--", "/nonexistent/a", "/nonexistent/b"]) == DATA_TIMEOUT
+
+
+def test_snapshot_calls_and_json_layer_specs_are_sized_by_the_image(tmp_path: pathlib.Path) -> None:
+    image = tmp_path / "big.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "50G"], check=True)
+    sized = pytest.approx(DATA_TIMEOUT + 50 * 1024**3 / DATA_RATE)
+    assert timeout_for(["snapshot", "-q", "-a", "s1", "--", str(image)]) == sized
+    layer = "json:" + json.dumps({"driver": "qcow2", "file": {"driver": "file", "filename": str(image)}})
+    assert timeout_for(["map", "--output=json", "--", layer]) == sized
+    assert timeout_for(["map", "--output=json", "--", "json:{not json"]) == DATA_TIMEOUT
+
+
+def test_sizing_never_blocks_on_a_fifo(tmp_path: pathlib.Path) -> None:
+    fifo = tmp_path / "target.qcow2"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    assert timeout_for(["convert", "-O", "qcow2", "--", str(fifo)]) == DATA_TIMEOUT
+    assert time.monotonic() - started < 5
 
 
 def test_a_timeout_is_an_error_naming_command_path_and_seconds() -> None:

@@ -162,6 +162,31 @@ def test_resume_left_paused() -> None:
             assert "still active" in notes[0]
 
 
+class SavingQmp(PausedQmp):
+    """A killed task's state save that is still written for two more queries, then completes (QEMU: postmigrate)."""
+
+    def __init__(self, markers: list[str]) -> None:
+        super().__init__(markers, "paused", "active")
+        self.queries_left = 2
+
+    def execute(self, command: str, arguments: dict[str, t.Any] | None = None, **dummy: t.Any) -> t.Any:
+        if command == "query-migrate" and self.migration == "active":
+            self.queries_left -= 1
+            if self.queries_left < 0:
+                self.migration, self.status = "completed", "postmigrate"
+        return super().execute(command, arguments)
+
+
+def test_a_guest_paused_by_a_killed_save_is_resumed_once_the_save_has_ended(monkeypatch: t.Any) -> None:
+    monkeypatch.setattr("time.sleep", lambda seconds: None)
+    dead = _dead_pid()
+    qmp = SavingQmp([f"vmsnap-paused-{dead}"])
+    notes = resume_left_paused(t.cast(t.Any, qmp), check_mode=False, timeout=60)
+    assert qmp.sent.index("cont") > max(i for i, c in enumerate(qmp.sent) if c == "query-migrate")
+    assert qmp.status == "running" and [o["name"] for o in qmp.objects] == ["pc.ram"]
+    assert len(notes) == 1 and "(status postmigrate); it was resumed" in notes[0]
+
+
 def test_pause_marker_names_this_process() -> None:
     qmp = PausedQmp([], "running")
     calls: list[tuple[str, t.Any]] = []
