@@ -110,8 +110,9 @@ def _image_bytes(spec: str) -> int:
     if not path.startswith("/"):
         return 0
     try:
-        # O_NONBLOCK: a FIFO at the name must not block the sizing (it does nothing for regular files)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO at the name must not block the sizing (it does nothing for regular files). Symlinks
+        # are followed: a disk's path is often a link to the image, which is what must be sized.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return 0
     try:

@@ -241,6 +241,9 @@ def test_snapshot_calls_and_json_layer_specs_are_sized_by_the_image(tmp_path: pa
     layer = "json:" + json.dumps({"driver": "qcow2", "file": {"driver": "file", "filename": str(image)}})
     assert timeout_for(["map", "--output=json", "--", layer]) == sized
     assert timeout_for(["map", "--output=json", "--", "json:{not json"]) == DATA_TIMEOUT
+    link = tmp_path / "disk.qcow2"
+    link.symlink_to(image)
+    assert timeout_for(["commit", "-q", "--", str(link)]) == sized
 
 
 def test_sizing_never_blocks_on_a_fifo(tmp_path: pathlib.Path) -> None:
