@@ -87,21 +87,27 @@ class ModuleRun:
     stderr: str = ""
 
 
+def start_module(module: str, args: dict[str, t.Any], output: int = subprocess.DEVNULL) -> tuple[subprocess.Popen, str]:
+    """The module as ansible runs it on a host, in its own process group: (process, its args file to remove)."""
+    env = dict(os.environ, LANG="C", LC_ALL="C", PYTHONPATH=str(collection_root()))
+    with tempfile.NamedTemporaryFile("w", prefix="kills-args-", suffix=".json", delete=False) as handle:
+        json.dump({"ANSIBLE_MODULE_ARGS": {"_ansible_tmpdir": tempfile.gettempdir(), **args}}, handle)
+    proc = subprocess.Popen(  # pylint: disable=consider-using-with
+        [sys.executable, str(module_file(module)), handle.name],
+        stdout=output,
+        stderr=output,
+        env=env,
+        start_new_session=True,
+    )
+    return proc, handle.name
+
+
 def run_module(module: str, args: dict[str, t.Any], kill_after: float | None = None, timeout: float = 120) -> ModuleRun:
     """Run the module as its own process group; SIGKILL the module process only after kill_after seconds.
 
     After a kill, wait for the children it left (they keep the group id) to end on their own."""
-    env = dict(os.environ, LANG="C", LC_ALL="C", PYTHONPATH=str(collection_root()))
-    with tempfile.NamedTemporaryFile("w", prefix="kills-args-", suffix=".json", delete=False) as handle:
-        json.dump({"ANSIBLE_MODULE_ARGS": {"_ansible_tmpdir": tempfile.gettempdir(), **args}}, handle)
     started = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, str(module_file(module)), handle.name],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        start_new_session=True,
-    )
+    proc, args_file = start_module(module, args, subprocess.PIPE)
     killed = False
     try:
         if kill_after is not None:
@@ -112,7 +118,7 @@ def run_module(module: str, args: dict[str, t.Any], kill_after: float | None = N
                 killed = True
         out, err = proc.communicate(timeout=timeout)
     finally:
-        os.unlink(handle.name)
+        os.unlink(args_file)
     elapsed = time.monotonic() - started
     orphans: list[str] = []
     if killed:

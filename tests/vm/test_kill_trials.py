@@ -289,12 +289,9 @@ def test_next_run_cancels_a_killed_live_backup_job(fleet_dir: Path) -> None:
     QEMU for a job-finalize that never comes) leaves the job with its copy-before-write filter on top of the disk.
     The next run used to refuse the disk ("is copy-before-write, not qcow2") before it reached its clean-up; now it
     cancels the leftover job first (the kill trials found it: qcow2_backup_live)."""
-    import json
     import signal
-    import subprocess
-    import sys
 
-    from kill_trials import collection_root, module_file
+    from kill_trials import start_module
 
     vm = NoOsVM(fleet_dir, "kills-pending", disks=1, memory_mib=64).create_disks(0xAA, "64M")
     vm.start()
@@ -304,15 +301,7 @@ def test_next_run_cancels_a_killed_live_backup_job(fleet_dir: Path) -> None:
         vm.qemu_io("drive0", "write -P 0x22 1M 48M")
         args = {"socket": str(vm.qmp), "dest_dir": str(dest)}
         index = dest / "disk0" / "index.json"
-        args_file = fleet_dir / "args.json"
-        args_file.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": args}))
-        env = dict(os.environ, LANG="C", PYTHONPATH=str(collection_root()))
-        proc = subprocess.Popen(
-            [sys.executable, str(module_file("qcow2_backup")), str(args_file)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        proc, args_file = start_module("qcow2_backup", args)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
             # The job copies into the backup's temporary file: kill once it holds some of the data.
@@ -322,6 +311,7 @@ def test_next_run_cancels_a_killed_live_backup_job(fleet_dir: Path) -> None:
         assert proc.poll() is None, "the backup finished before it could be killed while its job ran"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        os.unlink(args_file)
         jobs = qmp(vm.qmp, "query-jobs")
         assert [job["id"] for job in jobs] == ["vmsnap-backup-disk0"], jobs
         result = converge("qcow2_backup", args)
@@ -373,12 +363,10 @@ def test_killed_offline_incremental_leaves_the_disk_clean(tmp_path: Path) -> Non
     a kill near the end of an incremental, when the daemon got SIGKILL with its parent; it now gets SIGTERM and closes
     the disk as on quit. This test kills mid-copy, where the old SIGKILL left the disk clean too: it does not
     reproduce that trial.)"""
-    import json
     import signal
     import subprocess
-    import sys
 
-    from kill_trials import collection_root, module_file
+    from kill_trials import start_module
 
     image, dest = tmp_path / "disk.qcow2", tmp_path / "backups"
     dest.mkdir()
@@ -387,16 +375,7 @@ def test_killed_offline_incremental_leaves_the_disk_clean(tmp_path: Path) -> Non
     args = {"path": str(image), "dest_dir": str(dest)}
     ok_run("qcow2_backup", args)
     qemu_io_write(image, 0x33, "1M", "64M")  # the incremental has 64 MiB to copy
-    args_file = tmp_path / "args.json"
-    args_file.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": args}))
-    env = dict(os.environ, LANG="C", PYTHONPATH=str(collection_root()))
-    proc = subprocess.Popen(
-        [sys.executable, str(module_file("qcow2_backup")), str(args_file)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc, args_file = start_module("qcow2_backup", args)
     deadline = time.monotonic() + 60
     folder = dest / "disk"
     while time.monotonic() < deadline and proc.poll() is None:
@@ -406,6 +385,7 @@ def test_killed_offline_incremental_leaves_the_disk_clean(tmp_path: Path) -> Non
     assert proc.poll() is None, "the incremental ended before it could be killed while copying"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    os.unlink(args_file)
     deadline = time.monotonic() + 30
     while subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, check=False).returncode == 0:
         assert time.monotonic() < deadline, "the helper daemon outlived its module by 30 s"
